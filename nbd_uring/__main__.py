@@ -1,0 +1,3 @@
+from nbd_uring.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,168 @@
+/*
+ * Thin helpers over liburing for nbd_uring.engine.ring.
+ *
+ * liburing's prep functions and CQE iteration are static inline or macros, so Python cannot
+ * call them through cffi directly; each helper here does one whole step (get an SQE, prepare
+ * it, tag it) so the Python side pays one foreign call per request and one per reaped batch.
+ * Every function returns >= 0 or -errno and never touches errno or prints.
+ */
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <liburing.h>
+
+#include "nbdu.h"
+
+struct nbdu_ring {
+    struct io_uring ring;
+    struct io_uring_probe *probe;
+};
+
+struct nbdu_ring *nbdu_ring_new(unsigned entries, unsigned flags, int *err)
+{
+    struct nbdu_ring *r = calloc(1, sizeof(*r));
+    if (r == NULL) {
+        *err = -ENOMEM;
+        return NULL;
+    }
+    int rc = io_uring_queue_init(entries, &r->ring, flags);
+    if (rc < 0) {
+        free(r);
+        *err = rc;
+        return NULL;
+    }
+    r->probe = io_uring_get_probe_ring(&r->ring);
+    *err = 0;
+    return r;
+}
+
+void nbdu_ring_free(struct nbdu_ring *r)
+{
+    if (r == NULL)
+        return;
+    if (r->probe != NULL)
+        io_uring_free_probe(r->probe);
+    io_uring_queue_exit(&r->ring);
+    free(r);
+}
+
+int nbdu_register_eventfd(struct nbdu_ring *r, int efd)
+{
+    return io_uring_register_eventfd(&r->ring, efd);
+}
+
+unsigned nbdu_sq_space(struct nbdu_ring *r)
+{
+    return io_uring_sq_space_left(&r->ring);
+}
+
+unsigned nbdu_cq_entries(struct nbdu_ring *r)
+{
+    return r->ring.cq.ring_entries;
+}
+
+unsigned nbdu_sq_entries(struct nbdu_ring *r)
+{
+    return r->ring.sq.ring_entries;
+}
+
+int nbdu_opcode_supported(struct nbdu_ring *r, int op)
+{
+    if (r->probe == NULL)
+        return 0;
+    return io_uring_opcode_supported(r->probe, op);
+}
+
+int nbdu_prep_read(struct nbdu_ring *r, int fd, void *buf, unsigned len, uint64_t off,
+                   uint64_t user_data)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+    if (sqe == NULL)
+        return -EBUSY;
+    io_uring_prep_read(sqe, fd, buf, len, off);
+    io_uring_sqe_set_data64(sqe, user_data);
+    return 0;
+}
+
+int nbdu_prep_write(struct nbdu_ring *r, int fd, const void *buf, unsigned len, uint64_t off,
+                    uint64_t user_data, int rw_flags)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+    if (sqe == NULL)
+        return -EBUSY;
+    io_uring_prep_write(sqe, fd, buf, len, off);
+    sqe->rw_flags = rw_flags;
+    io_uring_sqe_set_data64(sqe, user_data);
+    return 0;
+}
+
+int nbdu_prep_write_linked_fsync(struct nbdu_ring *r, int fd, const void *buf, unsigned len,
+                                 uint64_t off, uint64_t write_user_data,
+                                 uint64_t fsync_user_data)
+{
+    /* Both entries or neither: a link cannot span two submissions. */
+    if (io_uring_sq_space_left(&r->ring) < 2)
+        return -EBUSY;
+    struct io_uring_sqe *w = io_uring_get_sqe(&r->ring);
+    struct io_uring_sqe *s = io_uring_get_sqe(&r->ring);
+    io_uring_prep_write(w, fd, buf, len, off);
+    io_uring_sqe_set_data64(w, write_user_data);
+    w->flags |= IOSQE_IO_LINK;
+    io_uring_prep_fsync(s, fd, IORING_FSYNC_DATASYNC);
+    io_uring_sqe_set_data64(s, fsync_user_data);
+    return 0;
+}
+
+int nbdu_prep_fsync(struct nbdu_ring *r, int fd, unsigned fsync_flags, uint64_t user_data)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+    if (sqe == NULL)
+        return -EBUSY;
+    io_uring_prep_fsync(sqe, fd, fsync_flags);
+    io_uring_sqe_set_data64(sqe, user_data);
+    return 0;
+}
+
+int nbdu_prep_fallocate(struct nbdu_ring *r, int fd, int mode, uint64_t off, uint64_t len,
+                        uint64_t user_data)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+    if (sqe == NULL)
+        return -EBUSY;
+    io_uring_prep_fallocate(sqe, fd, mode, (off_t)off, (off_t)len);
+    io_uring_sqe_set_data64(sqe, user_data);
+    return 0;
+}
+
+int nbdu_prep_fadvise(struct nbdu_ring *r, int fd, uint64_t off, unsigned len, int advice,
+                      uint64_t user_data)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+    if (sqe == NULL)
+        return -EBUSY;
+    io_uring_prep_fadvise(sqe, fd, off, (off_t)len, advice);
+    io_uring_sqe_set_data64(sqe, user_data);
+    return 0;
+}
+
+int nbdu_submit(struct nbdu_ring *r)
+{
+    return io_uring_submit(&r->ring);
+}
+
+int nbdu_reap(struct nbdu_ring *r, uint64_t *user_data, int32_t *res, unsigned max)
+{
+    struct io_uring_cqe *cqe;
+    unsigned head;
+    unsigned n = 0;
+
+    io_uring_for_each_cqe(&r->ring, head, cqe) {
+        if (n == max)
+            break;
+        user_data[n] = io_uring_cqe_get_data64(cqe);
+        res[n] = cqe->res;
+        n++;
+    }
+    io_uring_cq_advance(&r->ring, n);
+    return (int)n;
+}

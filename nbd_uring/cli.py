@@ -1,0 +1,170 @@
+"""Command line: ``nbd-uring serve``. The only module that exits the process."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+
+import trio
+
+from nbd_uring import __version__
+from nbd_uring.config import DEFAULT_BIND, DEFAULT_PORT, ExportConfig, ServerConfig
+
+log = logging.getLogger("nbd_uring")
+
+DEFAULT_SCRATCH_SIZE = 1 << 30
+
+_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+SERVE_DESCRIPTION = """\
+Serve FILE (a regular file or a block device) over the Network Block Device protocol.
+Every disk I/O goes through io_uring and replies are sent as requests complete.
+With no FILE, serve a 1 GiB sparse scratch disk that is deleted when the server exits."""
+
+SERVE_EPILOG = """\
+examples:
+  nbd-uring serve                                   scratch disk on nbd://127.0.0.1:10809/
+  nbd-uring serve disk.img --print-uri              serve an existing image
+  nbd-uring serve new.img --size 4G --create        create (or extend) a sparse image
+  nbd-uring serve disk.img --unix /run/disk.sock    Unix socket only
+  nbd-uring serve disk.img --read-only --port 0 --print-uri
+
+clients:
+  nbdinfo nbd://127.0.0.1/             qemu-img info nbd://127.0.0.1:10809
+  nbdcopy in.img nbd://127.0.0.1/      nbd-client 127.0.0.1 10809 /dev/nbd0 -N ''
+"""
+
+
+def parse_size(text: str) -> int:
+    """Parse ``512``, ``64k``, ``1G``, ``1.5GiB`` into bytes (powers of 1024)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([bkmgtp]?)(?:i?b)?\s*", text.lower())
+    if m is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1048576, 64K, 1G)")
+    return int(float(m.group(1)) * _SUFFIXES[m.group(2)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nbd-uring",
+        description="A Network Block Device server on io_uring.",
+    )
+    parser.add_argument("--version", action="version", version=f"nbd-uring {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve",
+        help="serve a file or block device",
+        description=SERVE_DESCRIPTION,
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("file", nargs="?", metavar="FILE", help="file or block device to serve")
+    serve.add_argument("--size", type=parse_size, help="export size (bytes, or 64K, 1G, ...)")
+    serve.add_argument(
+        "--create", action="store_true", help="create FILE (sparse) or extend it to --size"
+    )
+    serve.add_argument("-r", "--read-only", action="store_true", help="refuse all writes")
+    serve.add_argument(
+        "-e", "--export-name", default="", metavar="NAME", help="export name (default: '')"
+    )
+    serve.add_argument("--description", default="", help="description shown to clients")
+    serve.add_argument(
+        "-b", "--bind", metavar="ADDR", help=f"TCP address to listen on (default {DEFAULT_BIND})"
+    )
+    serve.add_argument(
+        "-p", "--port", type=int, metavar="N", help=f"TCP port (default {DEFAULT_PORT}; 0 = any)"
+    )
+    serve.add_argument(
+        "-U", "--unix", metavar="PATH",
+        help="listen on this Unix socket only (add --port/--bind for TCP too)",
+    )
+    serve.add_argument(
+        "--print-uri", action="store_true", help="print the export's URI on stdout when ready"
+    )
+    serve.add_argument(
+        "--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+        help="drop clients that have not chosen an export by then (default 10)",
+    )
+    serve.add_argument(
+        "-v", "--verbose", action="count", default=0,
+        help="log each connection and each failed request (-vv: debug)",
+    )
+    return parser
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s nbd-uring[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def _run(config: ServerConfig, export_name: str, print_uri: bool) -> None:
+    from nbd_uring.server import Server
+
+    server = Server(config)
+    try:
+        async with trio.open_nursery() as nursery:
+            addresses = await nursery.start(server.serve)
+            for address in addresses:
+                log.info("listening on %s", address.uri(export_name))
+            if print_uri:
+                print(addresses[0].uri(export_name), flush=True)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("%s received, shutting down", signal.Signals(signum).name)
+                    break
+            nursery.cancel_scope.cancel()
+    finally:
+        server.close()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    scratch_dir: str | None = None
+    path, size, create = args.file, args.size, args.create
+    if path is None:
+        scratch_dir = tempfile.mkdtemp(prefix="nbd-uring-")
+        path = os.path.join(scratch_dir, "scratch.img")
+        size, create = size or DEFAULT_SCRATCH_SIZE, True
+    unix_only = args.unix is not None and args.port is None and args.bind is None
+    try:
+        config = ServerConfig(
+            exports=(
+                ExportConfig(
+                    path=path,
+                    name=args.export_name,
+                    description=args.description,
+                    read_only=args.read_only,
+                    size=size,
+                    create=create,
+                ),
+            ),
+            bind=None if unix_only else (args.bind or DEFAULT_BIND),
+            port=None if unix_only else (DEFAULT_PORT if args.port is None else args.port),
+            unix_path=args.unix,
+            handshake_timeout_s=args.handshake_timeout,
+        )
+        trio.run(_run, config, args.export_name, args.print_uri)
+    except (OSError, ValueError) as exc:
+        print(f"nbd-uring: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if scratch_dir is not None:
+            shutil.rmtree(scratch_dir, ignore_errors=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    if args.command == "serve":
+        return _serve(args)
+    return 2

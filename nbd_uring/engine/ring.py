@@ -1,0 +1,338 @@
+"""The io_uring: the only module that touches the compiled ``nbd_uring._uring``.
+
+Operations are prepared into the submission queue as they arrive and go to the kernel in one
+``io_uring_submit`` per :meth:`Ring.submit` (the caller submits once per batch of requests).
+Completions are reaped in batches when the eventfd fires. From submission until its last
+completion is reaped, an operation's buffer and callback are held in ``_in_flight``, so nothing
+a client does can free memory the kernel is still writing into.
+
+Callbacks receive ``0`` on success or a positive errno; short reads and writes are finished
+here and never reach them.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final
+
+from nbd_uring._uring import ffi, lib
+
+log = logging.getLogger(__name__)
+
+Completion = Callable[[int], None]
+
+FALLOC_FL_KEEP_SIZE: Final[int] = lib.FALLOC_FL_KEEP_SIZE
+FALLOC_FL_PUNCH_HOLE: Final[int] = lib.FALLOC_FL_PUNCH_HOLE
+FALLOC_FL_ZERO_RANGE: Final[int] = lib.FALLOC_FL_ZERO_RANGE
+
+_READ, _WRITE, _FSYNC, _FALLOCATE, _FADVISE = range(5)
+_REAP_BATCH = 256
+_MAX_RW = 1 << 30
+
+
+class RingError(OSError):
+    """The ring itself failed (setup, submit): not the result of one operation."""
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        raise RingError(-rc, f"{what}: {os.strerror(-rc)}")
+    return rc
+
+
+class _Op:
+    """One logical operation; it may take several SQEs (short I/O, linked fsync)."""
+
+    __slots__ = (
+        "buf",
+        "callback",
+        "done",
+        "fd",
+        "fua",
+        "kind",
+        "length",
+        "mode",
+        "offset",
+        "ptr",
+        "rw_flags",
+        "sync_res",
+        "waiting",
+        "write_res",
+    )
+
+    def __init__(
+        self,
+        kind: int,
+        fd: int,
+        offset: int,
+        length: int,
+        callback: Completion,
+        buf: Any = None,
+    ) -> None:
+        self.kind = kind
+        self.fd = fd
+        self.offset = offset
+        self.length = length
+        self.callback = callback
+        self.buf = buf
+        self.ptr: Any = (
+            None if buf is None else ffi.from_buffer(buf, require_writable=kind == _READ)
+        )
+        self.done = 0
+        self.fua = False
+        self.rw_flags = 0
+        self.mode = 0
+        self.waiting = 0
+        self.write_res = 0
+        self.sync_res = 0
+
+
+class Ring:
+    """An io_uring with an eventfd, shared by every export and connection of a server.
+
+    Not thread-safe: only the event-loop thread may call it.
+    """
+
+    def __init__(self, entries: int = 256) -> None:
+        err = ffi.new("int *")
+        ring = lib.nbdu_ring_new(entries, 0, err)
+        if ring == ffi.NULL:
+            raise RingError(-err[0], f"io_uring_queue_init: {os.strerror(-err[0])}")
+        self._ring: Any = ring
+        self.eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            _check(lib.nbdu_register_eventfd(ring, self.eventfd), "io_uring_register_eventfd")
+        except BaseException:
+            os.close(self.eventfd)
+            lib.nbdu_ring_free(ring)
+            raise
+        self.sq_entries: int = lib.nbdu_sq_entries(ring)
+        self.cq_entries: int = lib.nbdu_cq_entries(ring)
+        self.supports_fallocate = bool(lib.nbdu_opcode_supported(ring, lib.IORING_OP_FALLOCATE))
+        self.supports_fadvise = bool(lib.nbdu_opcode_supported(ring, lib.IORING_OP_FADVISE))
+        self._in_flight: dict[int, _Op] = {}
+        self._sqes_in_flight = 0
+        self._backlog: deque[_Op] = deque()
+        self._unsubmitted = 0
+        self._next_id = 1
+        self._ud = ffi.new("uint64_t[]", _REAP_BATCH)
+        self._res = ffi.new("int32_t[]", _REAP_BATCH)
+        self.closed = False
+
+    # -- submission ---------------------------------------------------------------------
+
+    def read(self, fd: int, buf: Any, offset: int, callback: Completion) -> None:
+        """Fill the writable buffer ``buf`` from ``fd`` at ``offset``."""
+        self._start(_Op(_READ, fd, offset, memoryview(buf).nbytes, callback, buf))
+
+    def write(
+        self,
+        fd: int,
+        buf: Any,
+        offset: int,
+        callback: Completion,
+        *,
+        fua: bool = False,
+        dsync: bool = False,
+    ) -> None:
+        """Write ``buf`` at ``offset``; ``fua`` links an fdatasync in the same submission,
+        ``dsync`` uses RWF_DSYNC on the write itself instead."""
+        op = _Op(_WRITE, fd, offset, memoryview(buf).nbytes, callback, buf)
+        op.fua = fua
+        op.rw_flags = lib.RWF_DSYNC if dsync else 0
+        self._start(op)
+
+    def fdatasync(self, fd: int, callback: Completion) -> None:
+        self._start(_Op(_FSYNC, fd, 0, 0, callback))
+
+    def fallocate(self, fd: int, mode: int, offset: int, length: int, callback: Completion) -> None:
+        op = _Op(_FALLOCATE, fd, offset, length, callback)
+        op.mode = mode
+        self._start(op)
+
+    def fadvise_willneed(self, fd: int, offset: int, length: int, callback: Completion) -> None:
+        self._start(_Op(_FADVISE, fd, offset, min(length, 0xFFFFFFFF), callback))
+
+    def submit(self) -> None:
+        """Hand every prepared SQE to the kernel in one system call."""
+        if self._unsubmitted:
+            self._unsubmitted = 0
+            _check(lib.nbdu_submit(self._ring), "io_uring_submit")
+
+    @property
+    def in_flight(self) -> int:
+        """Operations submitted or waiting for ring space, not yet completed."""
+        return len(self._in_flight) + len(self._backlog)
+
+    def _sqes_needed(self, op: _Op) -> int:
+        return 2 if op.kind == _WRITE and op.fua else 1
+
+    def _start(self, op: _Op) -> None:
+        if self.closed:
+            raise RingError(errno.ESHUTDOWN, "ring is closed")
+        if self._backlog or not self._prep(op):
+            self._backlog.append(op)
+
+    def _prep(self, op: _Op) -> bool:
+        """Prepare the SQE(s) for the unfinished part of ``op``; False when there is no room."""
+        need = self._sqes_needed(op)
+        if self._sqes_in_flight + need > self.cq_entries:
+            return False
+        if lib.nbdu_sq_space(self._ring) < need:
+            self.submit()
+        op_id = self._next_id
+        self._next_id += 1
+        ud = op_id << 1
+        r = self._ring
+        kind = op.kind
+        if kind == _READ or kind == _WRITE:
+            chunk = min(op.length - op.done, _MAX_RW)
+            ptr = op.ptr + op.done
+            pos = op.offset + op.done
+            if kind == _READ:
+                rc = lib.nbdu_prep_read(r, op.fd, ptr, chunk, pos, ud)
+            elif op.fua:
+                rc = lib.nbdu_prep_write_linked_fsync(r, op.fd, ptr, chunk, pos, ud, ud | 1)
+            else:
+                rc = lib.nbdu_prep_write(r, op.fd, ptr, chunk, pos, ud, op.rw_flags)
+        elif kind == _FSYNC:
+            rc = lib.nbdu_prep_fsync(r, op.fd, lib.IORING_FSYNC_DATASYNC, ud)
+        elif kind == _FALLOCATE:
+            rc = lib.nbdu_prep_fallocate(r, op.fd, op.mode, op.offset, op.length, ud)
+        else:
+            rc = lib.nbdu_prep_fadvise(
+                r, op.fd, op.offset, op.length, lib.POSIX_FADV_WILLNEED, ud
+            )
+        if rc == -errno.EBUSY:
+            return False
+        _check(rc, "prepare SQE")
+        op.waiting = need
+        self._in_flight[op_id] = op
+        self._sqes_in_flight += need
+        self._unsubmitted += need
+        return True
+
+    # -- completion ---------------------------------------------------------------------
+
+    def reap(self) -> int:
+        """Run the callbacks of every completion the kernel has posted; returns how many."""
+        try:
+            os.eventfd_read(self.eventfd)
+        except BlockingIOError:
+            pass
+        total = 0
+        ud_arr, res_arr = self._ud, self._res
+        while True:
+            n: int = lib.nbdu_reap(self._ring, ud_arr, res_arr, _REAP_BATCH)
+            for i in range(n):
+                self._complete(ud_arr[i], res_arr[i])
+            total += n
+            if n < _REAP_BATCH:
+                break
+        while self._backlog and self._prep(self._backlog[0]):
+            self._backlog.popleft()
+        self.submit()
+        return total
+
+    def _complete(self, ud: int, res: int) -> None:
+        op_id = ud >> 1
+        op = self._in_flight[op_id]
+        op.waiting -= 1
+        self._sqes_in_flight -= 1
+        if op.kind == _WRITE and op.fua:
+            if ud & 1:
+                op.sync_res = res
+            else:
+                op.write_res = res
+            if op.waiting:
+                return
+            del self._in_flight[op_id]
+            self._complete_fua_write(op)
+            return
+        del self._in_flight[op_id]
+        if res < 0:
+            self._finish(op, -res)
+        elif op.kind == _READ or op.kind == _WRITE:
+            self._advance(op, res)
+        else:
+            self._finish(op, 0)
+
+    def _advance(self, op: _Op, res: int) -> None:
+        if res == 0 and op.done < op.length:
+            # A read at end of file, or a write the kernel would not take: nothing would change.
+            self._finish(op, errno.EIO)
+            return
+        op.done += res
+        if op.done < op.length:
+            self._resubmit(op)
+        else:
+            self._finish(op, 0)
+
+    def _complete_fua_write(self, op: _Op) -> None:
+        wres, sres = op.write_res, op.sync_res
+        if wres < 0:
+            self._finish(op, -wres)
+        elif op.done + wres < op.length:
+            # Short write: the linked fsync came back -ECANCELED. Write the rest, then sync.
+            self._advance(op, wres)
+        elif sres < 0 and sres != -errno.ECANCELED:
+            self._finish(op, -sres)
+        elif sres < 0:
+            op.done = op.length
+            op.kind, op.fua = _FSYNC, False
+            self._resubmit(op)
+        else:
+            self._finish(op, 0)
+
+    def _resubmit(self, op: _Op) -> None:
+        if not self._prep(op):
+            self._backlog.appendleft(op)
+
+    def _finish(self, op: _Op, err: int) -> None:
+        callback = op.callback
+        op.buf = op.ptr = None
+        try:
+            callback(err)
+        except Exception:
+            log.exception("completion callback failed")
+
+    # -- teardown -----------------------------------------------------------------------
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Wait (bounded) for in-flight operations, then tear the ring down.
+
+        Buffers of operations still in flight at the deadline are deliberately kept alive
+        forever rather than freed under the kernel.
+        """
+        if self.closed:
+            return
+        self.submit()
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("closing ring with %d operations still in flight", self.in_flight)
+                _leaked.append(list(self._in_flight.values()))
+                break
+            select.select([self.eventfd], [], [], left)
+            self.reap()
+        self.closed = True
+        lib.nbdu_ring_free(self._ring)
+        self._ring = ffi.NULL
+        os.close(self.eventfd)
+        self.eventfd = -1
+
+    def __enter__(self) -> Ring:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_leaked: list[list[_Op]] = []

@@ -1,0 +1,522 @@
+"""Server side of the fixed newstyle handshake, as a sans-I/O state machine.
+
+Bytes go in through :meth:`ServerHandshake.receive_data`, bytes to write come out of
+:meth:`ServerHandshake.data_to_send`; the caller owns the socket. The machine reads one fixed-size
+piece at a time (client flags, option header, option data) and never buffers more than the piece it
+is waiting for, so memory is bounded by ``max(16, max_option_length)`` whatever the peer sends.
+
+Refusals that negotiation survives are :class:`OptionError` inside this module and leave it only as
+``NBD_REP_ERR_*`` replies. A :class:`ProtocolViolation` escapes to the caller, which closes the
+connection without a reply. An ``NBD_OPT_EXPORT_NAME`` that cannot be satisfied is not the client's
+fault and has no error reply, so it ends in state ``CLOSED`` with a :attr:`close_reason` instead.
+"""
+
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import Final
+
+from nbd_uring.protocol.constants import (
+    DEFAULT_MIN_BLOCK,
+    DEFAULT_PREFERRED_BLOCK,
+    EXPORT_NAME_PADDING,
+    IHAVEOPT,
+    MAX_OPTION_LENGTH,
+    MAX_OPTIONS,
+    MAX_PAYLOAD,
+    MAX_STRING,
+    NBDMAGIC,
+    OPTION_HEADER_SIZE,
+    OPTION_REPLY_MAGIC,
+    ClientFlag,
+    HandshakeFlag,
+    Info,
+    Opt,
+    Rep,
+    TransmissionFlag,
+)
+from nbd_uring.protocol.errors import OptionError, ProtocolViolation
+
+_GREETING = struct.Struct(">QQH")
+_CLIENT_FLAGS = struct.Struct(">I")
+_OPTION_HEADER = struct.Struct(">QII")
+_OPTION_REPLY_HEADER = struct.Struct(">QIII")
+_EXPORT_NAME_REPLY = struct.Struct(">QH")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_INFO_EXPORT = struct.Struct(">HQH")
+_INFO_BLOCK_SIZE = struct.Struct(">HIII")
+
+SERVER_HANDSHAKE_FLAGS: Final = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+"""What nbd-uring advertises; a client flag outside these makes the server drop the connection."""
+_ACCEPTED_CLIENT_FLAGS: Final = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
+_U64_LIMIT: Final = 1 << 64
+_U32_MAX: Final = (1 << 32) - 1
+_MAX_MIN_BLOCK: Final = 1 << 16
+_MIN_PREFERRED_BLOCK: Final = 512
+
+
+def _is_power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+def _check_string(what: str, value: str) -> None:
+    if "\0" in value:
+        raise ValueError(f"{what} must not contain NUL characters")
+    encoded = len(value.encode("utf-8"))
+    if encoded > MAX_STRING:
+        raise ValueError(f"{what} is {encoded} bytes, longer than the {MAX_STRING}-byte limit")
+
+
+@dataclass(frozen=True, slots=True)
+class ExportInfo:
+    """What the handshake tells a client about one export; validated so every reply is legal."""
+
+    name: str
+    size: int
+    flags: TransmissionFlag
+    """The full transmission flags sent to the client, ``HAS_FLAGS`` included."""
+    description: str = ""
+    min_block: int = DEFAULT_MIN_BLOCK
+    preferred_block: int = DEFAULT_PREFERRED_BLOCK
+    max_block: int = MAX_PAYLOAD
+
+    def __post_init__(self) -> None:
+        _check_string("export name", self.name)
+        _check_string("export description", self.description)
+        if not 0 <= self.size < _U64_LIMIT:
+            raise ValueError(f"export size {self.size} does not fit in 64 bits")
+        if not 0 <= self.flags <= 0xFFFF or not self.flags & TransmissionFlag.HAS_FLAGS:
+            raise ValueError(
+                f"transmission flags {int(self.flags):#x} must be 16 bits with HAS_FLAGS"
+            )
+        if not _is_power_of_two(self.min_block) or self.min_block > _MAX_MIN_BLOCK:
+            raise ValueError(
+                f"min_block {self.min_block} must be a power of 2 no larger than {_MAX_MIN_BLOCK}"
+            )
+        floor = max(self.min_block, _MIN_PREFERRED_BLOCK)
+        if not _is_power_of_two(self.preferred_block) or self.preferred_block < floor:
+            raise ValueError(
+                f"preferred_block {self.preferred_block} must be a power of 2 of at least {floor}"
+            )
+        if not self.preferred_block <= self.max_block <= _U32_MAX:
+            raise ValueError(
+                f"max_block {self.max_block} must lie between preferred_block "
+                f"{self.preferred_block} and {_U32_MAX}"
+            )
+
+
+def transmission_flags_for(
+    *,
+    read_only: bool,
+    can_flush: bool = True,
+    can_fua: bool = True,
+    can_trim: bool = True,
+    can_write_zeroes: bool = True,
+    can_multi_conn: bool = True,
+) -> TransmissionFlag:
+    """The transmission flags for an export with these capabilities.
+
+    TRIM and WRITE_ZEROES are only exposed on writable exports: a client that sees them on a
+    read-only export would only get EPERM back.
+    """
+    flags = TransmissionFlag.HAS_FLAGS
+    if read_only:
+        flags |= TransmissionFlag.READ_ONLY
+    if can_flush:
+        flags |= TransmissionFlag.SEND_FLUSH
+    if can_fua:
+        flags |= TransmissionFlag.SEND_FUA
+    if can_trim and not read_only:
+        flags |= TransmissionFlag.SEND_TRIM
+    if can_write_zeroes and not read_only:
+        flags |= TransmissionFlag.SEND_WRITE_ZEROES
+    if can_multi_conn:
+        flags |= TransmissionFlag.CAN_MULTI_CONN
+    return flags
+
+
+class HandshakeState(Enum):
+    NEGOTIATING = auto()
+    TRANSMISSION = auto()
+    CLOSED = auto()
+
+
+class _Phase(Enum):
+    """What the next bytes from the client are."""
+
+    CLIENT_FLAGS = auto()
+    OPTION_HEADER = auto()
+    OPTION_DATA = auto()
+    DONE = auto()
+
+
+def _option_name(option: int) -> str:
+    """``NBD_OPT_GO`` for a known option, ``option 42`` for any other number."""
+    try:
+        return f"NBD_OPT_{Opt(option).name}"
+    except ValueError:
+        return f"option {option}"
+
+
+def _clip(message: str) -> bytes:
+    """UTF-8 of ``message`` cut to the spec's string limit without splitting a character."""
+    encoded = message.encode("utf-8")
+    if len(encoded) <= MAX_STRING:
+        return encoded
+    return encoded[:MAX_STRING].decode("utf-8", "ignore").encode("utf-8")
+
+
+def _describe_name(name: str) -> str:
+    return repr(name) if len(name) <= 256 else repr(name[:256]) + "..."
+
+
+def _decode_name(raw: bytes) -> str:
+    """An export name from the wire, or OptionError(ERR_INVALID) saying what is wrong with it."""
+    if len(raw) > MAX_STRING:
+        raise OptionError(
+            Rep.ERR_INVALID,
+            f"export name is {len(raw)} bytes, longer than the {MAX_STRING}-byte limit",
+        )
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise OptionError(Rep.ERR_INVALID, "export name is not valid UTF-8") from None
+    if "\0" in name:
+        raise OptionError(Rep.ERR_INVALID, "export name contains a NUL character")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class _InfoRequest:
+    name: str
+    requests: tuple[int, ...]
+
+
+def _parse_info_request(option: int, data: bytes) -> _InfoRequest:
+    """Parse the shared data of NBD_OPT_INFO and NBD_OPT_GO: u32 namelen, name, u16 n, n x u16."""
+    what = _option_name(option)
+    if len(data) < 6:
+        raise OptionError(Rep.ERR_INVALID, f"{what} data is {len(data)} bytes, at least 6 needed")
+    (name_length,) = _U32.unpack_from(data, 0)
+    if name_length > len(data) - 6:
+        raise OptionError(
+            Rep.ERR_INVALID,
+            f"{what} name length {name_length} exceeds option length {len(data)} - 6",
+        )
+    name = _decode_name(data[4 : 4 + name_length])
+    (count,) = _U16.unpack_from(data, 4 + name_length)
+    rest = len(data) - 6 - name_length
+    if rest != 2 * count:
+        raise OptionError(
+            Rep.ERR_INVALID,
+            f"{what} announces {count} information requests but carries {rest} bytes for them",
+        )
+    requests = struct.unpack_from(f">{count}H", data, 6 + name_length)
+    return _InfoRequest(name, requests)
+
+
+_OptionHandler = Callable[["ServerHandshake", int, bytes], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _OptionRule:
+    """How one option is handled: the table row the dispatcher follows."""
+
+    handler: _OptionHandler
+    takes_data: bool = True
+    """False: the spec says the client MUST NOT send data, so data gets ERR_INVALID."""
+    max_length: int | None = None
+    """A bound tighter than ``max_option_length``, checked as soon as the header is in."""
+
+
+class ServerHandshake:
+    """The server's half of the handshake, from greeting to transmission or close.
+
+    The caller loops: write :meth:`data_to_send`; stop if :attr:`state` is ``TRANSMISSION`` (hand
+    :attr:`export` and :attr:`unused_data` to the transmission phase) or ``CLOSED``; otherwise read
+    and :meth:`receive_data`. A :class:`ProtocolViolation` from ``receive_data`` means close now.
+    """
+
+    def __init__(
+        self,
+        lookup: Callable[[str], ExportInfo | None],
+        list_exports: Callable[[], Sequence[ExportInfo]],
+        *,
+        max_option_length: int = MAX_OPTION_LENGTH,
+        max_options: int = MAX_OPTIONS,
+    ) -> None:
+        if max_option_length < 0:
+            raise ValueError(f"max_option_length must be >= 0, got {max_option_length}")
+        if max_options < 1:
+            raise ValueError(f"max_options must be >= 1, got {max_options}")
+        self._lookup = lookup
+        self._list_exports = list_exports
+        self._max_option_length = max_option_length
+        self._max_options = max_options
+        self._state = HandshakeState.NEGOTIATING
+        self._phase = _Phase.CLIENT_FLAGS
+        self._need = _CLIENT_FLAGS.size
+        self._buffer = bytearray()
+        self._outgoing = bytearray(_GREETING.pack(NBDMAGIC, IHAVEOPT, int(SERVER_HANDSHAKE_FLAGS)))
+        self._fixed_newstyle = False
+        self._no_zeroes = False
+        self._options_seen = 0
+        self._option = 0
+        self._last_info: tuple[bytes, ExportInfo] | None = None
+        self._export: ExportInfo | None = None
+        self._unused = bytearray()
+        self._close_reason: str | None = None
+
+    @property
+    def state(self) -> HandshakeState:
+        return self._state
+
+    @property
+    def export(self) -> ExportInfo | None:
+        """The chosen export once :attr:`state` is ``TRANSMISSION``, else None."""
+        return self._export
+
+    @property
+    def fixed_newstyle(self) -> bool:
+        """Whether the client set ``NBD_FLAG_C_FIXED_NEWSTYLE``."""
+        return self._fixed_newstyle
+
+    @property
+    def no_zeroes(self) -> bool:
+        """Whether the client set ``NBD_FLAG_C_NO_ZEROES``."""
+        return self._no_zeroes
+
+    @property
+    def unused_data(self) -> bytes:
+        """Bytes received after the handshake's last byte: pipelined transmission requests."""
+        return bytes(self._unused)
+
+    @property
+    def close_reason(self) -> str | None:
+        """Why the state went ``CLOSED``, for the server's log."""
+        return self._close_reason
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for the piece of input being assembled (bounded by the option limit)."""
+        return len(self._buffer)
+
+    def data_to_send(self) -> bytes:
+        """Return and forget everything queued for the client."""
+        data = bytes(self._outgoing)
+        self._outgoing.clear()
+        return data
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes from the client, in any split; ``b""`` means the client closed its side.
+
+        Raises ProtocolViolation (and moves to ``CLOSED``) when the client breaks the protocol.
+        Bytes after the last handshake byte go to :attr:`unused_data`; after ``CLOSED`` they are
+        dropped.
+        """
+        if self._state is not HandshakeState.NEGOTIATING:
+            self._keep_leftover(data)
+            return
+        if not data:
+            self._close("client closed the connection during negotiation")
+            return
+        view = memoryview(data).cast("B")
+        try:
+            while view and self._phase is not _Phase.DONE:
+                take = self._need - len(self._buffer)
+                self._buffer += view[:take]
+                view = view[take:]
+                if len(self._buffer) == self._need:
+                    piece = bytes(self._buffer)
+                    self._buffer.clear()
+                    _PHASE_READERS[self._phase](self, piece)
+        except ProtocolViolation as exc:
+            self._close(exc.message)
+            raise
+        self._keep_leftover(view)
+
+    def _keep_leftover(self, data: bytes | bytearray | memoryview) -> None:
+        if self._state is HandshakeState.TRANSMISSION:
+            self._unused += data
+
+    def _close(self, reason: str) -> None:
+        self._state = HandshakeState.CLOSED
+        self._phase = _Phase.DONE
+        self._close_reason = reason
+        self._buffer.clear()
+
+    def _expect(self, phase: _Phase, size: int) -> None:
+        self._phase = phase
+        self._need = size
+
+    def _on_client_flags(self, piece: bytes) -> None:
+        (flags,) = _CLIENT_FLAGS.unpack(piece)
+        unknown = flags & ~_ACCEPTED_CLIENT_FLAGS
+        if unknown:
+            raise ProtocolViolation(
+                f"client flags {flags:#x} set bits {unknown:#x} the server did not advertise"
+            )
+        self._fixed_newstyle = bool(flags & ClientFlag.FIXED_NEWSTYLE)
+        self._no_zeroes = bool(flags & ClientFlag.NO_ZEROES)
+        self._expect(_Phase.OPTION_HEADER, OPTION_HEADER_SIZE)
+
+    def _on_option_header(self, piece: bytes) -> None:
+        magic, option, length = _OPTION_HEADER.unpack(piece)
+        if magic != IHAVEOPT:
+            raise ProtocolViolation(
+                f"bad option magic {magic:#018x}, expected IHAVEOPT {IHAVEOPT:#018x}"
+            )
+        self._options_seen += 1
+        if self._options_seen > self._max_options:
+            raise ProtocolViolation(
+                f"client sent more than {self._max_options} options without choosing an export"
+            )
+        if not self._fixed_newstyle and option != Opt.EXPORT_NAME:
+            raise ProtocolViolation(
+                f"{_option_name(option)} from a client without NBD_FLAG_C_FIXED_NEWSTYLE: "
+                "non-fixed newstyle allows only NBD_OPT_EXPORT_NAME"
+            )
+        rule = _OPTION_RULES.get(option, _UNSUPPORTED)
+        limit = self._max_option_length
+        if rule.max_length is not None:
+            limit = min(limit, rule.max_length)
+        if length > limit:
+            raise ProtocolViolation(
+                f"{_option_name(option)} declares {length} bytes of data, over the limit of {limit}"
+            )
+        self._option = option
+        self._expect(_Phase.OPTION_DATA, length)
+        if length == 0:
+            self._on_option_data(b"")
+
+    def _on_option_data(self, data: bytes) -> None:
+        option = self._option
+        self._expect(_Phase.OPTION_HEADER, OPTION_HEADER_SIZE)
+        rule = _OPTION_RULES.get(option, _UNSUPPORTED)
+        previous_info, self._last_info = self._last_info, None
+        try:
+            if data and not rule.takes_data:
+                raise OptionError(
+                    Rep.ERR_INVALID,
+                    f"{_option_name(option)} takes no data, got {len(data)} bytes",
+                )
+            if option == Opt.GO and previous_info is not None and previous_info[0] == data:
+                self._finish_info(option, data, _parse_info_request(option, data), previous_info[1])
+            else:
+                rule.handler(self, option, data)
+        except OptionError as exc:
+            self._reply(option, exc.rep, _clip(exc.message))
+
+    def _reply(self, option: int, rep: Rep, payload: bytes = b"") -> None:
+        self._outgoing += _OPTION_REPLY_HEADER.pack(
+            OPTION_REPLY_MAGIC, option, int(rep), len(payload)
+        )
+        self._outgoing += payload
+
+    def _enter_transmission(self, export: ExportInfo) -> None:
+        self._export = export
+        self._state = HandshakeState.TRANSMISSION
+        self._phase = _Phase.DONE
+
+    def _handle_export_name(self, option: int, data: bytes) -> None:
+        try:
+            name = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolViolation("NBD_OPT_EXPORT_NAME name is not valid UTF-8") from None
+        if "\0" in name:
+            raise ProtocolViolation("NBD_OPT_EXPORT_NAME name contains a NUL character")
+        export = self._lookup(name)
+        if export is None:
+            self._close(
+                f"export {_describe_name(name)} does not exist "
+                "(NBD_OPT_EXPORT_NAME cannot return an error, so the server disconnects)"
+            )
+            return
+        self._outgoing += _EXPORT_NAME_REPLY.pack(export.size, int(export.flags))
+        if not self._no_zeroes:
+            self._outgoing += bytes(EXPORT_NAME_PADDING)
+        self._enter_transmission(export)
+
+    def _handle_abort(self, option: int, data: bytes) -> None:
+        self._reply(option, Rep.ACK)
+        self._close("client sent NBD_OPT_ABORT")
+
+    def _handle_list(self, option: int, data: bytes) -> None:
+        for export in self._list_exports():
+            name = export.name.encode("utf-8")
+            self._reply(
+                option,
+                Rep.SERVER,
+                _U32.pack(len(name)) + name + export.description.encode("utf-8"),
+            )
+        self._reply(option, Rep.ACK)
+
+    def _handle_starttls(self, option: int, data: bytes) -> None:
+        raise OptionError(Rep.ERR_POLICY, "TLS is not configured on this server")
+
+    def _handle_info_or_go(self, option: int, data: bytes) -> None:
+        request = _parse_info_request(option, data)
+        export = self._lookup(request.name)
+        if export is None:
+            raise OptionError(
+                Rep.ERR_UNKNOWN, f"export {_describe_name(request.name)} does not exist"
+            )
+        self._finish_info(option, data, request, export)
+
+    def _finish_info(
+        self, option: int, data: bytes, request: _InfoRequest, export: ExportInfo
+    ) -> None:
+        """Send the NBD_REP_INFO replies and the ACK of a successful NBD_OPT_INFO or NBD_OPT_GO.
+
+        A repeated information request is answered once: the spec says a type "SHOULD only appear
+        once" and the client "MUST NOT include any information request in the list more than once".
+        """
+        self._reply(option, Rep.INFO, _INFO_EXPORT.pack(Info.EXPORT, export.size, export.flags))
+        for info in dict.fromkeys(request.requests):
+            if info == Info.NAME:
+                self._reply(option, Rep.INFO, _U16.pack(Info.NAME) + export.name.encode("utf-8"))
+            elif info == Info.DESCRIPTION:
+                self._reply(
+                    option,
+                    Rep.INFO,
+                    _U16.pack(Info.DESCRIPTION) + export.description.encode("utf-8"),
+                )
+            elif info == Info.BLOCK_SIZE:
+                self._reply(
+                    option,
+                    Rep.INFO,
+                    _INFO_BLOCK_SIZE.pack(
+                        Info.BLOCK_SIZE, export.min_block, export.preferred_block, export.max_block
+                    ),
+                )
+        self._reply(option, Rep.ACK)
+        if option == Opt.GO:
+            self._enter_transmission(export)
+        else:
+            self._last_info = (data, export)
+
+    def _handle_unsupported(self, option: int, data: bytes) -> None:
+        raise OptionError(Rep.ERR_UNSUP, f"{_option_name(option)} is not supported by this server")
+
+
+_PHASE_READERS: Final[dict[_Phase, Callable[[ServerHandshake, bytes], None]]] = {
+    _Phase.CLIENT_FLAGS: ServerHandshake._on_client_flags,
+    _Phase.OPTION_HEADER: ServerHandshake._on_option_header,
+    _Phase.OPTION_DATA: ServerHandshake._on_option_data,
+}
+"""What a completed piece of input is, by phase; DONE reads nothing."""
+
+_UNSUPPORTED: Final = _OptionRule(ServerHandshake._handle_unsupported)
+
+_OPTION_RULES: Final[dict[int, _OptionRule]] = {
+    Opt.EXPORT_NAME: _OptionRule(ServerHandshake._handle_export_name, max_length=MAX_STRING),
+    Opt.ABORT: _OptionRule(ServerHandshake._handle_abort),
+    Opt.LIST: _OptionRule(ServerHandshake._handle_list, takes_data=False),
+    Opt.STARTTLS: _OptionRule(ServerHandshake._handle_starttls, takes_data=False),
+    Opt.INFO: _OptionRule(ServerHandshake._handle_info_or_go),
+    Opt.GO: _OptionRule(ServerHandshake._handle_info_or_go),
+}
+"""Every option this server implements; any other number (known to the spec or not) gets
+ERR_UNSUP and its data is skipped, as the baseline requires."""

@@ -1,0 +1,190 @@
+"""The server: listeners, one reaper task for the ring, and a task per client connection.
+
+Every connection to every export shares one ring and one file descriptor per export, so
+requests from all clients meet in one submission queue in the order they were read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import stat
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from nbd_uring.config import ExportConfig, ServerConfig
+from nbd_uring.engine.buffers import BufferPool
+from nbd_uring.engine.export import Export
+from nbd_uring.engine.ring import Ring
+from nbd_uring.protocol import ExportInfo, transmission_flags_for
+from nbd_uring.server.connection import Connection, set_nodelay
+
+log = logging.getLogger("nbd_uring.server")
+
+
+@dataclass(frozen=True, slots=True)
+class ServedExport:
+    """An export as the protocol describes it, bound to the storage that backs it."""
+
+    info: ExportInfo
+    backend: Export
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    family: socket.AddressFamily
+    address: Any
+
+    @property
+    def uri_base(self) -> str:
+        if self.family == socket.AF_UNIX:
+            return f"nbd+unix://{{export}}?socket={self.address}"
+        host, port = self.address[0], self.address[1]
+        if self.family == socket.AF_INET6:
+            host = f"[{host}]"
+        return f"nbd://{host}:{port}{{export}}"
+
+    def uri(self, export_name: str) -> str:
+        return self.uri_base.format(export="/" + urllib.parse.quote(export_name))
+
+
+def _open_export(ring: Ring, cfg: ExportConfig) -> ServedExport:
+    backend = Export(ring, cfg.path, read_only=cfg.read_only, size=cfg.size, create=cfg.create)
+    info = ExportInfo(
+        name=cfg.name,
+        size=backend.size,
+        flags=transmission_flags_for(read_only=cfg.read_only),
+        description=cfg.description,
+    )
+    return ServedExport(info=info, backend=backend)
+
+
+class Server:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.ring = Ring(config.ring_entries)
+        self.pool = BufferPool()
+        self.exports_by_name: dict[str, ServedExport] = {}
+        try:
+            for cfg in config.exports:
+                self.exports_by_name[cfg.name] = _open_export(self.ring, cfg)
+        except BaseException:
+            self.close()
+            raise
+        self.default_export = self.exports_by_name[config.exports[0].name]
+        self.addresses: list[ListenAddress] = []
+        self._accepted = 0
+
+    def lookup_info(self, name: str) -> ExportInfo | None:
+        """The protocol's export lookup: "" names the default export."""
+        served = self.exports_by_name.get(name)
+        if served is None and name == "":
+            served = self.default_export
+        return served.info if served is not None else None
+
+    def list_infos(self) -> Sequence[ExportInfo]:
+        return [served.info for served in self.exports_by_name.values()]
+
+    def close(self) -> None:
+        """Wait for the ring to finish in-flight I/O, then close the exports' files."""
+        self.ring.close()
+        for served in self.exports_by_name.values():
+            served.backend.close()
+
+    async def serve(self, *, task_status: trio.TaskStatus[list[ListenAddress]]) -> None:
+        listeners = await self._open_listeners()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reaper_task)
+                for sock in listeners:
+                    nursery.start_soon(self._accept_task, sock, nursery)
+                task_status.started(self.addresses)
+        finally:
+            for sock in listeners:
+                sock.close()
+            if self.config.unix_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.config.unix_path)
+
+    async def _open_listeners(self) -> list[trio.socket.SocketType]:
+        cfg = self.config
+        socks: list[trio.socket.SocketType] = []
+        try:
+            if cfg.unix_path is not None:
+                _remove_stale_socket(cfg.unix_path)
+                sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                socks.append(sock)
+                await sock.bind(cfg.unix_path)
+                sock.listen(128)
+                self.addresses.append(ListenAddress(socket.AF_UNIX, cfg.unix_path))
+            if cfg.port is not None:
+                infos = await trio.socket.getaddrinfo(
+                    cfg.bind, cfg.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                )
+                for family, type_, proto, _name, addr in infos:
+                    sock = trio.socket.socket(family, type_, proto)
+                    socks.append(sock)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    await sock.bind(addr)
+                    sock.listen(128)
+                    self.addresses.append(ListenAddress(family, sock.getsockname()))
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        return socks
+
+    async def _reaper_task(self) -> None:
+        ring = self.ring
+        while True:
+            await trio.lowlevel.wait_readable(ring.eventfd)
+            ring.reap()
+
+    async def _accept_task(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                sock, addr = await listener.accept()
+            except OSError as exc:
+                # EMFILE and friends: the listener stays, the server stays up.
+                log.warning("accept failed: %s", exc)
+                await trio.sleep(0.1)
+                continue
+            set_nodelay(sock)
+            self._accepted += 1
+            peer = _describe_peer(listener.family, addr, self._accepted)
+            log.info("%s: connected", peer)
+            nursery.start_soon(self._connection_task, sock, peer)
+
+    async def _connection_task(self, sock: trio.socket.SocketType, peer: str) -> None:
+        try:
+            await Connection(self, sock, peer).run()
+        except Exception:
+            # A bug must cost one connection, never the server.
+            log.exception("%s: connection failed", peer)
+            sock.close()
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
+    os.unlink(path)
+
+
+def _describe_peer(family: int, addr: Any, number: int) -> str:
+    if family == socket.AF_UNIX:
+        return f"unix#{number}"
+    if family == socket.AF_INET6:
+        return f"[{addr[0]}]:{addr[1]}"
+    return f"{addr[0]}:{addr[1]}"
