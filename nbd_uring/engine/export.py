@@ -12,6 +12,7 @@ import os
 import stat
 from collections.abc import Callable
 
+from nbd_uring.engine.buffers import Buffer
 from nbd_uring.engine.ring import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -74,8 +75,15 @@ class Export:
     def read(self, offset: int, buf: object, done: Completion) -> None:
         self.ring.read(self.fd, buf, offset, done)
 
-    def write(self, offset: int, buf: object, done: Completion, *, fua: bool = False) -> None:
-        self.ring.write(self.fd, buf, offset, done, fua=fua)
+    def write(self, offset: int, buf: Buffer, done: Completion, *, fua: bool = False) -> None:
+        """Write ``buf`` at ``offset``. The export owns ``buf`` from here on and releases it
+        once the kernel is done with it, whenever the caller is told."""
+
+        def written(err: int) -> None:
+            buf.release()
+            done(err)
+
+        self.ring.write(self.fd, buf.view, offset, written, fua=fua)
 
     def flush(self, done: Completion) -> None:
         self.ring.fdatasync(self.fd, done)

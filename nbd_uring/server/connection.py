@@ -276,11 +276,9 @@ class Connection:
         cookie = request.cookie
         nbytes = lease.length
 
-        def written(err: int) -> None:
-            lease.release()
-            self._reply(cookie, err, None, nbytes)
-
-        self.export.backend.write(request.offset, lease.view, written, fua=request.fua)
+        self.export.backend.write(
+            request.offset, lease, self._completion(cookie, nbytes), fua=request.fua
+        )
 
     def _submit(self, request: Request, nbytes: int) -> None:
         assert self.export is not None

@@ -50,7 +50,7 @@ def test_hundreds_in_flight_on_a_small_ring(ring: Ring, export: Export) -> None:
     for i in range(count):
         buf = pool.acquire(4096)
         buf.view[:] = bytes([i % 251]) * 4096
-        export.write(i * 4096, buf.view, results.append, fua=i % 7 == 0)
+        export.write(i * 4096, buf, results.append, fua=i % 7 == 0)
     assert ring.in_flight == count
     ring.submit()
     drain(ring)
@@ -70,7 +70,9 @@ def test_hundreds_in_flight_on_a_small_ring(ring: Ring, export: Export) -> None:
 
 def test_fdatasync_and_fua_write_reach_the_file(ring: Ring, export: Export) -> None:
     results: list[int] = []
-    export.write(8192, b"fua-data" * 512, results.append, fua=True)
+    buf = BufferPool().acquire(4096)
+    buf.view[:] = b"fua-data" * 512
+    export.write(8192, buf, results.append, fua=True)
     export.flush(results.append)
     ring.submit()
     drain(ring)
@@ -177,8 +179,9 @@ def test_write_to_read_only_fd_reports_ebadf(ring: Ring, tmp_path: Path) -> None
     exp = Export(ring, str(path), read_only=True)
     try:
         results: list[int] = []
-        exp.write(0, b"z" * 512, results.append)
-        exp.write(0, b"z" * 512, results.append, fua=True)
+        pool = BufferPool()
+        exp.write(0, pool.acquire(512), results.append)
+        exp.write(0, pool.acquire(512), results.append, fua=True)
         ring.submit()
         drain(ring)
         assert results == [errno.EBADF, errno.EBADF]
