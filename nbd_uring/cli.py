@@ -15,7 +15,15 @@ from collections.abc import Sequence
 import trio
 
 from nbd_uring import __version__
-from nbd_uring.config import DEFAULT_BIND, DEFAULT_PORT, ExportConfig, ServerConfig
+from nbd_uring.config import (
+    DEFAULT_BIND,
+    DEFAULT_PORT,
+    Durability,
+    ExportConfig,
+    FaultRule,
+    Ordering,
+    ServerConfig,
+)
 
 log = logging.getLogger("nbd_uring")
 
@@ -48,6 +56,13 @@ def parse_size(text: str) -> int:
     if m is None:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1048576, 64K, 1G)")
     return int(float(m.group(1)) * _SUFFIXES[m.group(2)])
+
+
+def _fault_rule(text: str) -> FaultRule:
+    try:
+        return FaultRule.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +105,33 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
         help="drop clients that have not chosen an export by then (default 10)",
+    )
+    serve.add_argument(
+        "--ordering", choices=[o.value for o in Ordering], default=Ordering.STRICT.value,
+        help="strict (default): a request overlapping an earlier unfinished one waits for it, "
+        "across all connections; kernel: submit everything at once and let io_uring decide",
+    )
+    serve.add_argument(
+        "--durability", choices=[d.value for d in Durability], default=Durability.FLUSH.value,
+        help="sync: every write is durable before its reply; flush (default): durable when "
+        "FUA or FLUSH asks; writeback: reply once received, I/O errors reported at next FLUSH",
+    )
+    serve.add_argument(
+        "--writeback-limit", type=parse_size, default=64 << 20, metavar="SIZE",
+        help="bytes of replied-to writes not yet on disk (writeback mode; default 64M); "
+        "past it writes are replied to when they complete",
+    )
+    serve.add_argument(
+        "--fua", choices=["link", "dsync"], default="link",
+        help="how a FUA write is made durable: a linked fdatasync (default) or RWF_DSYNC",
+    )
+    serve.add_argument(
+        "--fault", action="append", default=[], type=_fault_rule, metavar="RULE",
+        help="inject delays or errors, for debugging: OP[@START-END][:delay=D][:error=E][:prob=P]"
+        " with OP read|write|flush|trim|zero|any, e.g. 'write@0-1M:delay=200ms' (repeatable)",
+    )
+    serve.add_argument(
+        "--fault-seed", type=int, metavar="N", help="seed for --fault prob= (reproducible runs)"
     )
     serve.add_argument(
         "-v", "--verbose", action="count", default=0,
@@ -145,6 +187,12 @@ def _serve(args: argparse.Namespace) -> int:
                     read_only=args.read_only,
                     size=size,
                     create=create,
+                    ordering=Ordering(args.ordering),
+                    durability=Durability(args.durability),
+                    writeback_limit=args.writeback_limit,
+                    faults=tuple(args.fault),
+                    fault_seed=args.fault_seed,
+                    fua_dsync=args.fua == "dsync",
                 ),
             ),
             bind=None if unix_only else (args.bind or DEFAULT_BIND),

@@ -2,10 +2,118 @@
 
 from __future__ import annotations
 
+import enum
+import errno
+import re
 from dataclasses import dataclass
 
 DEFAULT_PORT = 10809
 DEFAULT_BIND = "127.0.0.1"
+
+
+class Durability(enum.Enum):
+    """When a write's reply may be sent."""
+
+    SYNC = "sync"
+    """Every write is on stable storage before its reply, as if FUA were always set."""
+    FLUSH = "flush"
+    """Writes are durable when FUA or FLUSH asks; replies follow completed I/O."""
+    WRITEBACK = "writeback"
+    """Writes are replied to once received; I/O errors surface at the next FLUSH."""
+
+
+class Ordering(enum.Enum):
+    STRICT = "strict"
+    """Overlapping requests run in arrival order across all connections."""
+    KERNEL = "kernel"
+    """Everything goes straight to the ring; the kernel decides (the seed's NOTE, opt-in)."""
+
+
+# Fault rules (``--fault``); the syntax is documented in nbd_uring.engine.faults.
+OPS = ("read", "write", "flush", "trim", "zero")
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class FaultSyntaxError(ValueError):
+    pass
+
+
+def _bytes(text: str) -> int:
+    m = re.fullmatch(r"(\d+)([bkmgt]?)", text.strip().lower())
+    if m is None:
+        raise FaultSyntaxError(f"not a byte offset: {text!r}")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _seconds(text: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|us)?", text.strip().lower())
+    if m is None:
+        raise FaultSyntaxError(f"not a duration: {text!r} (try 250ms or 2s)")
+    scale = {"ms": 1e-3, "us": 1e-6}.get(m.group(2) or "s", 1.0)
+    return float(m.group(1)) * scale
+
+
+def _errno(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    value = getattr(errno, text.upper(), None)
+    if not isinstance(value, int):
+        raise FaultSyntaxError(f"unknown errno name: {text!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class FaultRule:
+    op: str
+    start: int = 0
+    end: int | None = None
+    delay_s: float = 0.0
+    error: int = 0
+    probability: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> FaultRule:
+        head, *options = text.split(":")
+        op, _, span = head.partition("@")
+        op = op.strip().lower()
+        if op not in (*OPS, "any"):
+            raise FaultSyntaxError(f"unknown operation {op!r}: use one of {', '.join(OPS)}, any")
+        start, end = 0, None
+        if span:
+            lo, sep, hi = span.partition("-")
+            if not sep:
+                raise FaultSyntaxError(f"range must be START-END: {span!r}")
+            start, end = _bytes(lo), _bytes(hi)
+            if end <= start:
+                raise FaultSyntaxError(f"empty range: {span!r}")
+        fields: dict[str, str] = {}
+        for option in options:
+            key, sep, value = option.partition("=")
+            if not sep or key not in ("delay", "error", "prob"):
+                raise FaultSyntaxError(f"unknown option {option!r}: use delay=, error=, prob=")
+            fields[key] = value
+        probability = float(fields.get("prob", "1"))
+        if not 0.0 <= probability <= 1.0:
+            raise FaultSyntaxError(f"prob must be between 0 and 1: {probability}")
+        rule = cls(
+            op=op,
+            start=start,
+            end=end,
+            delay_s=_seconds(fields["delay"]) if "delay" in fields else 0.0,
+            error=_errno(fields["error"]) if "error" in fields else 0,
+            probability=probability,
+        )
+        if not rule.delay_s and not rule.error:
+            raise FaultSyntaxError(f"rule {text!r} neither delays nor fails anything")
+        return rule
+
+    def matches(self, op: str, offset: int, length: int) -> bool:
+        if self.op != "any" and self.op != op:
+            return False
+        if self.end is None or op == "flush":
+            return True
+        return offset < self.end and self.start < offset + max(length, 1)
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +126,12 @@ class ExportConfig:
     read_only: bool = False
     size: int | None = None
     create: bool = False
+    ordering: Ordering = Ordering.STRICT
+    durability: Durability = Durability.FLUSH
+    writeback_limit: int = 64 * 1024 * 1024
+    faults: tuple[FaultRule, ...] = ()
+    fault_seed: int | None = None
+    fua_dsync: bool = False
 
     def __post_init__(self) -> None:
         if len(self.name.encode()) > 4096:

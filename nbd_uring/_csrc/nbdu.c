@@ -145,6 +145,20 @@ int nbdu_prep_fadvise(struct nbdu_ring *r, int fd, uint64_t off, unsigned len, i
     return 0;
 }
 
+int nbdu_prep_timeout(struct nbdu_ring *r, struct __kernel_timespec *ts, uint64_t ns,
+                      uint64_t user_data)
+{
+    /* ts must stay valid until submitted: the caller keeps it with the operation. */
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+    if (sqe == NULL)
+        return -EBUSY;
+    ts->tv_sec = (long long)(ns / 1000000000u);
+    ts->tv_nsec = (long long)(ns % 1000000000u);
+    io_uring_prep_timeout(sqe, ts, 0, 0);
+    io_uring_sqe_set_data64(sqe, user_data);
+    return 0;
+}
+
 int nbdu_submit(struct nbdu_ring *r)
 {
     return io_uring_submit(&r->ring);

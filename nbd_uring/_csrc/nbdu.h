@@ -1,6 +1,7 @@
 /* Declarations shared by cffi's cdef and the C compiler: no preprocessor directives here. */
 
 struct nbdu_ring;
+struct __kernel_timespec;
 
 struct nbdu_ring *nbdu_ring_new(unsigned entries, unsigned flags, int *err);
 void nbdu_ring_free(struct nbdu_ring *r);
@@ -21,6 +22,9 @@ int nbdu_prep_fsync(struct nbdu_ring *r, int fd, unsigned fsync_flags, uint64_t 
 int nbdu_prep_fallocate(struct nbdu_ring *r, int fd, int mode, uint64_t off, uint64_t len,
                         uint64_t user_data);
 int nbdu_prep_fadvise(struct nbdu_ring *r, int fd, uint64_t off, unsigned len, int advice,
+                      uint64_t user_data);
+
+int nbdu_prep_timeout(struct nbdu_ring *r, struct __kernel_timespec *ts, uint64_t ns,
                       uint64_t user_data);
 
 int nbdu_submit(struct nbdu_ring *r);

@@ -1,18 +1,28 @@
 """A file or block device served through the ring, in block-device vocabulary.
 
 The engine knows nothing of NBD: it reads, writes, syncs, discards and zeroes byte ranges and
-reports each outcome as ``0`` or a positive errno to a callback.
+reports each outcome as ``0`` or a positive errno to a callback. Here live the design concept's
+rules, shared by every connection to the export:
+
+- ordering: a request that overlaps an earlier unfinished one waits for it (``Ordering.STRICT``);
+- FLUSH by callbacks: it waits for the writes received before it, then one fdatasync, which
+  concurrent FLUSHes share;
+- durability levels (:class:`Durability`), with write-back errors reported at the next FLUSH.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
 import stat
 from collections.abc import Callable
 
 from nbd_uring.engine.buffers import Buffer
+from nbd_uring.engine.durability import Durability, FlushEpochs, Ordering
+from nbd_uring.engine.faults import FaultInjector
+from nbd_uring.engine.ordering import OverlapTracker
 from nbd_uring.engine.ring import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -21,9 +31,13 @@ from nbd_uring.engine.ring import (
     Ring,
 )
 
+log = logging.getLogger(__name__)
+
 _ZERO_CHUNK = 1024 * 1024
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENODEV)
 _zeros: mmap.mmap | None = None
+
+IO = Callable[[Completion], None]
 
 
 def _zero_buffer() -> memoryview:
@@ -44,10 +58,20 @@ class Export:
         read_only: bool = False,
         size: int | None = None,
         create: bool = False,
+        ordering: Ordering = Ordering.STRICT,
+        durability: Durability = Durability.FLUSH,
+        writeback_limit: int = 64 * 1024 * 1024,
+        faults: FaultInjector | None = None,
+        fua_dsync: bool = False,
     ) -> None:
         self.ring = ring
         self.path = path
         self.read_only = read_only
+        self.ordering = ordering
+        self.durability = durability
+        self.writeback_limit = writeback_limit
+        self.faults = faults
+        self.fua_dsync = fua_dsync
         flags = os.O_CLOEXEC | (os.O_RDONLY if read_only else os.O_RDWR)
         if create and not read_only:
             flags |= os.O_CREAT
@@ -66,43 +90,97 @@ class Export:
             raise
         self._punch_ok = not read_only
         self._zero_range_ok = not read_only
+        self._tracker = OverlapTracker()
+        self._epochs = FlushEpochs()
+        self._sync_waiters: list[Completion] | None = None
+        self._next_sync_waiters: list[Completion] = []
+        self.syncs_issued = 0
+        self.writeback_bytes = 0
+        self.deferred_errors: list[tuple[int, int, int]] = []
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
-    def read(self, offset: int, buf: object, done: Completion) -> None:
-        self.ring.read(self.fd, buf, offset, done)
+    # -- requests -----------------------------------------------------------------------
+
+    def read(self, offset: int, buf: memoryview, done: Completion) -> None:
+        """Fill ``buf`` from ``offset``; ``buf`` stays the caller's."""
+        self._ordered(
+            "read", offset, len(buf), False, lambda fin: self.ring.read(self.fd, buf, offset, fin),
+            done,
+        )
 
     def write(self, offset: int, buf: Buffer, done: Completion, *, fua: bool = False) -> None:
         """Write ``buf`` at ``offset``. The export owns ``buf`` from here on and releases it
         once the kernel is done with it, whenever the caller is told."""
+        fua = fua or self.durability is Durability.SYNC
+        length = buf.length
+        epoch = self._epochs.write_started()
+        early = (
+            self.durability is Durability.WRITEBACK
+            and not fua
+            and self.writeback_bytes + length <= self.writeback_limit
+        )
 
         def written(err: int) -> None:
             buf.release()
-            done(err)
+            self._epochs.write_finished(epoch)
+            if not early:
+                done(err)
+                return
+            self.writeback_bytes -= length
+            if err:
+                self._defer_error(offset, length, err)
 
-        self.ring.write(self.fd, buf.view, offset, written, fua=fua)
+        if early:
+            self.writeback_bytes += length
+            done(0)
+
+        def io(fin: Completion) -> None:
+            if fua and self.fua_dsync:
+                self.ring.write(self.fd, buf.view, offset, fin, dsync=True)
+            else:
+                self.ring.write(self.fd, buf.view, offset, fin, fua=fua)
+
+        self._ordered("write", offset, length, True, io, written)
 
     def flush(self, done: Completion) -> None:
-        self.ring.fdatasync(self.fd, done)
+        """Reply once every write received before this FLUSH is on stable storage, plus any
+        error that a write already replied to (write-back) met since the last FLUSH."""
+
+        def ready() -> None:
+            self._faulted("flush", 0, 0, self._sync, report)
+
+        def report(err: int) -> None:
+            if not err and self.deferred_errors:
+                self.deferred_errors.clear()
+                err = errno.EIO
+            done(err)
+
+        self._epochs.flush(ready)
 
     def trim(self, offset: int, length: int, done: Completion, *, fua: bool = False) -> None:
         """Punch a hole; a discard is only a hint, so a file system that cannot is not an error."""
-        if not self._punch_ok or length == 0:
-            done(0)
-            return
+        fua = fua or self.durability is Durability.SYNC
 
-        def punched(err: int) -> None:
-            if err in _UNSUPPORTED:
-                self._punch_ok = False
-                err = 0
-            self._then_sync(err, fua, done)
+        def io(fin: Completion) -> None:
+            if not self._punch_ok or length == 0:
+                fin(0)
+                return
 
-        self.ring.fallocate(
-            self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length, punched
-        )
+            def punched(err: int) -> None:
+                if err in _UNSUPPORTED:
+                    self._punch_ok = False
+                    err = 0
+                self._then_sync(err, fua, fin)
+
+            self.ring.fallocate(
+                self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length, punched
+            )
+
+        self._ordered_write("trim", offset, length, io, done)
 
     def zero(
         self,
@@ -115,6 +193,93 @@ class Export:
     ) -> None:
         """Make the range read back as zeroes: punch a hole when allowed, else zero the range
         in place, else write zeroes."""
+        fua = fua or self.durability is Durability.SYNC
+        self._ordered_write(
+            "zero", offset, length, lambda fin: self._zero_io(offset, length, may_trim, fua, fin),
+            done,
+        )
+
+    def cache(self, offset: int, length: int, done: Completion) -> None:
+        """Ask the kernel to read the range ahead; failure only loses the hint."""
+        self.ring.fadvise_willneed(self.fd, offset, length, lambda _err: done(0))
+
+    # -- ordering, faults, syncing ------------------------------------------------------
+
+    def _ordered(
+        self, op: str, offset: int, length: int, exclusive: bool, io: IO, done: Completion
+    ) -> None:
+        if self.ordering is Ordering.KERNEL:
+            self._faulted(op, offset, length, io, done)
+            return
+        tracker = self._tracker
+
+        def finished(err: int) -> None:
+            tracker.release(entry)
+            done(err)
+
+        entry = tracker.admit(
+            offset, length, exclusive, lambda: self._faulted(op, offset, length, io, finished)
+        )
+        if entry.blockers == 0:
+            entry.begin()
+
+    def _ordered_write(self, op: str, offset: int, length: int, io: IO, done: Completion) -> None:
+        epoch = self._epochs.write_started()
+
+        def finished(err: int) -> None:
+            self._epochs.write_finished(epoch)
+            done(err)
+
+        self._ordered(op, offset, length, True, io, finished)
+
+    def _faulted(self, op: str, offset: int, length: int, io: IO, done: Completion) -> None:
+        if self.faults is None:
+            io(done)
+            return
+        delay, err = self.faults.decide(op, offset, length)
+        if not delay and not err:
+            io(done)
+        elif err:
+            self.ring.timeout(delay, lambda _e: done(err))
+        else:
+            self.ring.timeout(delay, lambda _e: io(done))
+
+    def _sync(self, done: Completion) -> None:
+        """fdatasync, shared: a FLUSH that becomes ready while a sync runs joins the next one
+        (the running sync may have started before its writes finished)."""
+        if self._sync_waiters is not None:
+            self._next_sync_waiters.append(done)
+            return
+        self._start_sync([done])
+
+    def _start_sync(self, waiters: list[Completion]) -> None:
+        self._sync_waiters = waiters
+        self.syncs_issued += 1
+
+        def synced(err: int) -> None:
+            self._sync_waiters = None
+            for waiter in waiters:
+                waiter(err)
+            if self._next_sync_waiters and self._sync_waiters is None:
+                following, self._next_sync_waiters = self._next_sync_waiters, []
+                self._start_sync(following)
+
+        self.ring.fdatasync(self.fd, synced)
+
+    def _defer_error(self, offset: int, length: int, err: int) -> None:
+        log.error(
+            "%s: write-back of %d bytes at offset %d failed after its reply: %s; "
+            "the next FLUSH will return EIO",
+            self.path,
+            length,
+            offset,
+            os.strerror(err),
+        )
+        self.deferred_errors.append((offset, length, err))
+
+    def _zero_io(
+        self, offset: int, length: int, may_trim: bool, fua: bool, done: Completion
+    ) -> None:
         if length == 0:
             self._then_sync(0, fua, done)
             return
@@ -132,15 +297,11 @@ class Export:
                     self._punch_ok = False
                 else:
                     self._zero_range_ok = False
-                self.zero(offset, length, done, may_trim=may_trim, fua=fua)
+                self._zero_io(offset, length, may_trim, fua, done)
                 return
             self._then_sync(err, fua, done)
 
         self.ring.fallocate(self.fd, mode, offset, length, allocated)
-
-    def cache(self, offset: int, length: int, done: Completion) -> None:
-        """Ask the kernel to read the range ahead; failure only loses the hint."""
-        self.ring.fadvise_willneed(self.fd, offset, length, lambda _err: done(0))
 
     def _write_zeroes(self, offset: int, length: int, fua: bool, done: Completion) -> None:
         zeros = _zero_buffer()

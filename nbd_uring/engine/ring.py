@@ -31,7 +31,7 @@ FALLOC_FL_KEEP_SIZE: Final[int] = lib.FALLOC_FL_KEEP_SIZE
 FALLOC_FL_PUNCH_HOLE: Final[int] = lib.FALLOC_FL_PUNCH_HOLE
 FALLOC_FL_ZERO_RANGE: Final[int] = lib.FALLOC_FL_ZERO_RANGE
 
-_READ, _WRITE, _FSYNC, _FALLOCATE, _FADVISE = range(5)
+_READ, _WRITE, _FSYNC, _FALLOCATE, _FADVISE, _TIMEOUT = range(6)
 _REAP_BATCH = 256
 _MAX_RW = 1 << 30
 
@@ -159,6 +159,12 @@ class Ring:
     def fadvise_willneed(self, fd: int, offset: int, length: int, callback: Completion) -> None:
         self._start(_Op(_FADVISE, fd, offset, min(length, 0xFFFFFFFF), callback))
 
+    def timeout(self, seconds: float, callback: Completion) -> None:
+        """Call ``callback(0)`` after ``seconds``, through the ring like any other operation."""
+        op = _Op(_TIMEOUT, -1, 0, int(seconds * 1e9), callback)
+        op.buf = ffi.new("struct __kernel_timespec *")
+        self._start(op)
+
     def submit(self) -> None:
         """Hand every prepared SQE to the kernel in one system call."""
         if self._unsubmitted:
@@ -205,6 +211,8 @@ class Ring:
             rc = lib.nbdu_prep_fsync(r, op.fd, lib.IORING_FSYNC_DATASYNC, ud)
         elif kind == _FALLOCATE:
             rc = lib.nbdu_prep_fallocate(r, op.fd, op.mode, op.offset, op.length, ud)
+        elif kind == _TIMEOUT:
+            rc = lib.nbdu_prep_timeout(r, op.buf, op.length, ud)
         else:
             rc = lib.nbdu_prep_fadvise(
                 r, op.fd, op.offset, op.length, lib.POSIX_FADV_WILLNEED, ud
@@ -256,7 +264,9 @@ class Ring:
             self._complete_fua_write(op)
             return
         del self._in_flight[op_id]
-        if res < 0:
+        if op.kind == _TIMEOUT and res == -errno.ETIME:
+            self._finish(op, 0)
+        elif res < 0:
             self._finish(op, -res)
         elif op.kind == _READ or op.kind == _WRITE:
             self._advance(op, res)

@@ -21,6 +21,7 @@ import trio
 from nbd_uring.config import ExportConfig, ServerConfig
 from nbd_uring.engine.buffers import BufferPool
 from nbd_uring.engine.export import Export
+from nbd_uring.engine.faults import FaultInjector
 from nbd_uring.engine.ring import Ring
 from nbd_uring.protocol import ExportInfo, transmission_flags_for
 from nbd_uring.server.connection import Connection, set_nodelay
@@ -55,7 +56,18 @@ class ListenAddress:
 
 
 def _open_export(ring: Ring, cfg: ExportConfig) -> ServedExport:
-    backend = Export(ring, cfg.path, read_only=cfg.read_only, size=cfg.size, create=cfg.create)
+    backend = Export(
+        ring,
+        cfg.path,
+        read_only=cfg.read_only,
+        size=cfg.size,
+        create=cfg.create,
+        ordering=cfg.ordering,
+        durability=cfg.durability,
+        writeback_limit=cfg.writeback_limit,
+        faults=FaultInjector(cfg.faults, cfg.fault_seed) if cfg.faults else None,
+        fua_dsync=cfg.fua_dsync,
+    )
     info = ExportInfo(
         name=cfg.name,
         size=backend.size,
