@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -115,7 +116,6 @@ class FaultRule:
         return offset < self.end and self.start < offset + max(length, 1)
 
 
-
 @dataclass(frozen=True, slots=True)
 class ExportConfig:
     """One export: a file or block device and how it is offered."""
@@ -132,8 +132,13 @@ class ExportConfig:
     faults: tuple[FaultRule, ...] = ()
     fault_seed: int | None = None
     fua_dsync: bool = False
+    allow: tuple[str, ...] = ()
+    """Client networks (CIDR or address) allowed to use this export; empty means anyone."""
+    max_connections: int | None = None
 
     def __post_init__(self) -> None:
+        for network in self.allow:
+            ipaddress.ip_network(network, strict=False)
         if len(self.name.encode()) > 4096:
             raise ValueError("export names are limited to 4096 bytes by the NBD protocol")
         if self.size is not None and self.size < 0:
@@ -154,8 +159,16 @@ class ServerConfig:
     max_in_flight: int = 256
     max_bytes_in_flight: int = 128 * 1024 * 1024
     ring_entries: int = 256
+    max_connections: int | None = None
+    idle_timeout_s: float | None = None
+    allow: tuple[str, ...] = ()
+    """Client networks allowed to connect at all; empty means anyone."""
+    metrics: str | None = None
+    """``HOST:PORT`` for the Prometheus metrics endpoint."""
 
     def __post_init__(self) -> None:
+        for network in self.allow:
+            ipaddress.ip_network(network, strict=False)
         if not self.exports:
             raise ValueError("at least one export is needed")
         names = [e.name for e in self.exports]

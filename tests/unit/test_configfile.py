@@ -1,0 +1,71 @@
+"""The TOML configuration file: what it accepts, and errors that point at the right line."""
+
+from __future__ import annotations
+
+import pytest
+
+from nbd_uring.config import Durability, Ordering
+from nbd_uring.configfile import ConfigError, load_config
+
+GOOD = """\
+[server]
+bind = "127.0.0.1"
+port = 10810
+handshake-timeout = 5
+max-connections = 100
+allow = ["127.0.0.0/8"]
+
+[exports.disk]
+path = "/srv/disk.img"
+size = "1G"
+create = true
+durability = "writeback"
+writeback-limit = "8M"
+
+[exports."with space"]
+path = "/srv/other.img"
+read-only = true
+ordering = "kernel"
+allow = ["::1", "10.1.0.0/16"]
+"""
+
+
+def test_a_full_file_loads() -> None:
+    cfg = load_config(GOOD, "good.toml")
+    assert (cfg.bind, cfg.port, cfg.unix_path) == ("127.0.0.1", 10810, None)
+    assert cfg.handshake_timeout_s == 5.0 and cfg.max_connections == 100
+    disk, other = cfg.exports
+    assert (disk.name, disk.size, disk.create, disk.durability) == (
+        "disk", 1 << 30, True, Durability.WRITEBACK,
+    )
+    assert disk.writeback_limit == 8 << 20
+    assert (other.name, other.read_only, other.ordering) == ("with space", True, Ordering.KERNEL)
+    assert other.allow == ("::1", "10.1.0.0/16")
+
+
+def test_unix_only_when_no_tcp_is_given() -> None:
+    cfg = load_config('[server]\nunix = "/tmp/s.sock"\n[exports.a]\npath = "/x"\n')
+    assert (cfg.unix_path, cfg.port, cfg.bind) == ("/tmp/s.sock", None, None)
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "words"),
+    [
+        ('[server]\nport = 1\n[exports.a]\npath = "/x"\nsise = "1G"\n', 5, "'sise'"),
+        ('[server]\nport = "ten"\n[exports.a]\npath = "/x"\n', 2, "port: expected a port number"),
+        ('[exports.a]\npath = "/x"\ndurability = "fast"\n', 3, "sync | flush | writeback"),
+        ('[exports.a]\npath = "/x"\nsize = "lots"\n', 3, "expected a size"),
+        ('[exports.a]\nsize = "1G"\n', 1, "has no path"),
+        ('[exports.a]\npath = "/x"\nallow = ["300.1.1.1"]\n', 1, "300.1.1.1"),
+        ('[server]\nport = 1\n\n[exprots.a]\npath = "/x"\n', 4, "unknown section 'exprots'"),
+        ('[server]\nport = 1\n', None, "no exports"),
+        ('[server]\nport = = 1\n', 2, "Invalid"),
+        ('[exports.a]\npath = "/x"\ncreate = true\n', 1, "--create needs --size"),
+    ],
+)
+def test_errors_name_the_line(text: str, line: int | None, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(text, "bad.toml")
+    assert info.value.line == line, str(info.value)
+    assert words in str(info.value)
+    assert str(info.value).startswith(f"bad.toml:{line}: " if line else "bad.toml: ")
