@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Install the system packages nbd-uring builds against and tests with (Debian/Ubuntu).
+# Idempotent: when every package is already installed it does nothing (no apt-get update).
+set -euo pipefail
+
+PACKAGES=(
+    build-essential     # C compiler for the cffi extension
+    liburing-dev        # io_uring headers and library
+    python3-dev
+    python3-venv
+    python3-libnbd      # `import nbd` for the integration tests (system python3 only)
+    libnbd-bin          # nbdinfo, nbdcopy, nbdsh
+    nbdkit              # reference server for the tests and the benchmark
+    qemu-utils          # qemu-img, qemu-io, qemu-nbd
+    fio                 # fio with the nbd ioengine
+    nbd-server
+    nbd-client
+)
+
+if [[ $(id -u) -eq 0 ]]; then
+    SUDO=()
+else
+    SUDO=(sudo)
+fi
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    status=$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)
+    if [[ "$status" != "installed" ]]; then
+        missing+=("$pkg")
+    fi
+done
+
+if [[ ${#missing[@]} -eq 0 ]]; then
+    echo "install-deps: all ${#PACKAGES[@]} packages already installed"
+    exit 0
+fi
+
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+"${SUDO[@]}" apt-get update -q
+"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
