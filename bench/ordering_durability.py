@@ -162,11 +162,11 @@ def main() -> int:
                 label = f"randwrite 4k QD32, {mode}" + (f" {extra[1]}" if extra else "")
                 record(label, iops(fio(uri, args.runtime, write32)[0], "write"))
                 stop(proc)
-    print(f"\n{args.rounds} rounds of {args.runtime} s, medians (min–max)\n")
+    print(f"\n{args.rounds} rounds of {args.runtime} s, medians (min-max)\n")
     print("| measurement | median | spread |\n|---|---|---|")
     for key, values in results.items():
         print(
-            f"| {key} | {statistics.median(values):,.0f} | {min(values):,.0f}–{max(values):,.0f} |"
+            f"| {key} | {statistics.median(values):,.0f} | {min(values):,.0f}-{max(values):,.0f} |"
         )
     med = {k: statistics.median(v) for k, v in results.items()}
     print(
@@ -174,7 +174,8 @@ def main() -> int:
         f"{med['randread 4k QD32, strict'] / med['randread 4k QD32, kernel']:.3f}"
     )
     print(
-        f"p99 busy/idle: {med['read QD1 p99 µs, with FLUSH after every write'] / med['read QD1 p99 µs, idle']:.2f}"
+        "p99 busy/idle: "
+        f"{med['read QD1 p99 µs, with FLUSH after every write'] / med['read QD1 p99 µs, idle']:.2f}"
     )
     print(
         f"sync link/dsync: "
