@@ -46,9 +46,18 @@ void nbdu_ring_free(struct nbdu_ring *r)
     free(r);
 }
 
-int nbdu_register_eventfd(struct nbdu_ring *r, int efd)
+int nbdu_register_eventfd(struct nbdu_ring *r, int efd, int async_only)
 {
+    /* async_only: completions posted inside io_uring_enter() are reaped by the submitter
+     * right away, so only those that finish later need to wake the event loop. */
+    if (async_only)
+        return io_uring_register_eventfd_async(&r->ring, efd);
     return io_uring_register_eventfd(&r->ring, efd);
+}
+
+unsigned nbdu_cq_ready(struct nbdu_ring *r)
+{
+    return io_uring_cq_ready(&r->ring);
 }
 
 unsigned nbdu_sq_space(struct nbdu_ring *r)
