@@ -190,18 +190,60 @@ class Export:
         *,
         may_trim: bool = True,
         fua: bool = False,
+        fast: bool = False,
     ) -> None:
         """Make the range read back as zeroes: punch a hole when allowed, else zero the range
-        in place, else write zeroes."""
+        in place, else write zeroes. ``fast``: never write zeroes, fail with ENOTSUP instead
+        (and leave the data untouched) when the file system cannot zero with fallocate."""
         fua = fua or self.durability is Durability.SYNC
         self._ordered_write(
-            "zero", offset, length, lambda fin: self._zero_io(offset, length, may_trim, fua, fin),
+            "zero",
+            offset,
+            length,
+            lambda fin: self._zero_io(offset, length, may_trim, fua, fin, fast),
             done,
         )
 
     def cache(self, offset: int, length: int, done: Completion) -> None:
         """Ask the kernel to read the range ahead; failure only loses the hint."""
         self.ring.fadvise_willneed(self.fd, offset, length, lambda _err: done(0))
+
+    def extents(
+        self, offset: int, length: int, max_extents: int = 1 << 20
+    ) -> list[tuple[int, bool]]:
+        """``(length, is_hole)`` runs from ``offset``, from SEEK_DATA/SEEK_HOLE, alternating.
+
+        They cover ``[offset, offset + length)`` unless ``max_extents`` runs were needed first.
+        A hole reads as zeroes. A block device, or a file system that cannot tell, is all data.
+        These are two cheap system calls per run, made synchronously.
+        """
+        end = offset + length
+        if self.is_block_device or length <= 0:
+            return [(length, False)] if length > 0 else []
+        runs: list[tuple[int, bool]] = []
+        fd = self.fd
+        pos = offset
+        while pos < end and len(runs) < max_extents:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # cannot tell: call the rest data
+                    runs.append((end - pos, False))
+                    break
+                data = end  # ENXIO: no data at or after pos
+            if data > pos:
+                stop = min(data, end)
+                runs.append((stop - pos, True))
+                pos = stop
+                continue
+            try:
+                hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            except OSError:
+                hole = end
+            stop = min(hole, end) if hole > pos else end
+            runs.append((stop - pos, False))
+            pos = stop
+        return runs
 
     # -- ordering, faults, syncing ------------------------------------------------------
 
@@ -278,7 +320,13 @@ class Export:
         self.deferred_errors.append((offset, length, err))
 
     def _zero_io(
-        self, offset: int, length: int, may_trim: bool, fua: bool, done: Completion
+        self,
+        offset: int,
+        length: int,
+        may_trim: bool,
+        fua: bool,
+        done: Completion,
+        fast: bool = False,
     ) -> None:
         if length == 0:
             self._then_sync(0, fua, done)
@@ -287,6 +335,9 @@ class Export:
             mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
         elif self._zero_range_ok:
             mode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
+        elif fast:
+            done(errno.ENOTSUP)
+            return
         else:
             self._write_zeroes(offset, length, fua, done)
             return
@@ -297,7 +348,7 @@ class Export:
                     self._punch_ok = False
                 else:
                     self._zero_range_ok = False
-                self._zero_io(offset, length, may_trim, fua, done)
+                self._zero_io(offset, length, may_trim, fua, done, fast)
                 return
             self._then_sync(err, fua, done)
 

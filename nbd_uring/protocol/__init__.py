@@ -6,7 +6,11 @@ bytes it reads, and turns the errors raised here into replies or closed connecti
 """
 
 from nbd_uring.protocol.constants import (
+    BASE_ALLOCATION,
+    EXTENDED_REQUEST_SIZE,
     IHAVEOPT,
+    MAX_BLOCK_STATUS_EXTENTS,
+    MAX_META_QUERIES,
     MAX_OPTION_LENGTH,
     MAX_OPTIONS,
     MAX_PAYLOAD,
@@ -48,18 +52,26 @@ from nbd_uring.protocol.handshake import (
 )
 from nbd_uring.protocol.transmission import (
     COMMAND_SPECS,
+    ChunkEncoder,
     CommandSpec,
     Request,
     check_request,
+    decode_extended_request,
     decode_request,
+    encode_extended_request,
     encode_request,
     encode_simple_reply,
+    extended_payload_length,
     payload_length,
 )
 
 __all__ = [
+    "BASE_ALLOCATION",
     "COMMAND_SPECS",
+    "EXTENDED_REQUEST_SIZE",
     "IHAVEOPT",
+    "MAX_BLOCK_STATUS_EXTENTS",
+    "MAX_META_QUERIES",
     "MAX_OPTIONS",
     "MAX_OPTION_LENGTH",
     "MAX_PAYLOAD",
@@ -74,6 +86,7 @@ __all__ = [
     "REQUEST_SIZE",
     "SIMPLE_REPLY_SIZE",
     "AllocationState",
+    "ChunkEncoder",
     "ClientFlag",
     "Cmd",
     "CmdFlag",
@@ -95,9 +108,12 @@ __all__ = [
     "ServerHandshake",
     "TransmissionFlag",
     "check_request",
+    "decode_extended_request",
     "decode_request",
+    "encode_extended_request",
     "encode_request",
     "encode_simple_reply",
+    "extended_payload_length",
     "nbd_errno_for",
     "payload_length",
     "transmission_flags_for",

@@ -31,14 +31,24 @@ MAX_OPTIONS = 128
 """Default number of options accepted before the client chooses an export."""
 MAX_PAYLOAD = 32 * 1024 * 1024
 """Advertised maximum payload: the spec's portable default of 2^25 bytes."""
+MAX_META_QUERIES = 64
+"""Default number of queries accepted in one NBD_OPT_LIST/SET_META_CONTEXT (ERR_TOO_BIG past it)."""
+MAX_BLOCK_STATUS_EXTENTS = 1 << 20
+"""Spec: servers "SHOULD NOT send more than 2^20 extents in a single reply chunk"."""
+MAX_DF_READ = 65536
+"""Spec: the server "MUST support unfragmented reads" of up to this many bytes."""
+BASE_ALLOCATION = "base:allocation"
+"""The one metadata context the spec defines."""
 DEFAULT_MIN_BLOCK = 1
 DEFAULT_PREFERRED_BLOCK = 4096
 
 OPTION_HEADER_SIZE = 16
 OPTION_REPLY_HEADER_SIZE = 20
 REQUEST_SIZE = 28
+EXTENDED_REQUEST_SIZE = 32
 SIMPLE_REPLY_SIZE = 16
 STRUCTURED_REPLY_HEADER_SIZE = 20
+EXTENDED_REPLY_HEADER_SIZE = 32
 EXPORT_NAME_PADDING = 124
 """Zero bytes after a successful ``NBD_OPT_EXPORT_NAME`` reply unless both sides set NO_ZEROES."""
 

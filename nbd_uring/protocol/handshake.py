@@ -11,6 +11,7 @@ connection without a reply. An ``NBD_OPT_EXPORT_NAME`` that cannot be satisfied 
 fault and has no error reply, so it ends in state ``CLOSED`` with a :attr:`close_reason` instead.
 """
 
+import dataclasses
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,10 +19,12 @@ from enum import Enum, auto
 from typing import Final
 
 from nbd_uring.protocol.constants import (
+    BASE_ALLOCATION,
     DEFAULT_MIN_BLOCK,
     DEFAULT_PREFERRED_BLOCK,
     EXPORT_NAME_PADDING,
     IHAVEOPT,
+    MAX_META_QUERIES,
     MAX_OPTION_LENGTH,
     MAX_OPTIONS,
     MAX_PAYLOAD,
@@ -81,6 +84,9 @@ class ExportInfo:
     min_block: int = DEFAULT_MIN_BLOCK
     preferred_block: int = DEFAULT_PREFERRED_BLOCK
     max_block: int = MAX_PAYLOAD
+    block_size_required: bool = False
+    """Refuse clients that do not ask for NBD_INFO_BLOCK_SIZE (the export enforces min_block,
+    e.g. because it is opened with O_DIRECT)."""
 
     def __post_init__(self) -> None:
         _check_string("export name", self.name)
@@ -115,6 +121,8 @@ def transmission_flags_for(
     can_trim: bool = True,
     can_write_zeroes: bool = True,
     can_multi_conn: bool = True,
+    can_cache: bool = False,
+    can_fast_zero: bool = False,
 ) -> TransmissionFlag:
     """The transmission flags for an export with these capabilities.
 
@@ -132,6 +140,11 @@ def transmission_flags_for(
         flags |= TransmissionFlag.SEND_TRIM
     if can_write_zeroes and not read_only:
         flags |= TransmissionFlag.SEND_WRITE_ZEROES
+        if can_fast_zero:
+            # Spec: SEND_FAST_ZERO "MUST [be] 0 if NBD_FLAG_SEND_WRITE_ZEROES is not set".
+            flags |= TransmissionFlag.SEND_FAST_ZERO
+    if can_cache:
+        flags |= TransmissionFlag.SEND_CACHE
     if can_multi_conn:
         flags |= TransmissionFlag.CAN_MULTI_CONN
     return flags
@@ -217,6 +230,86 @@ def _parse_info_request(option: int, data: bytes) -> _InfoRequest:
     return _InfoRequest(name, requests)
 
 
+@dataclass(frozen=True, slots=True)
+class _MetaRequest:
+    name: str
+    queries: tuple[str, ...]
+
+
+def _parse_meta_request(option: int, data: bytes, max_queries: int) -> _MetaRequest:
+    """Parse NBD_OPT_LIST/SET_META_CONTEXT data: u32 namelen, name, u32 n, n x (u32 len, query).
+
+    Syntax errors are ERR_INVALID (a MUST); more than ``max_queries`` queries is ERR_TOO_BIG.
+    """
+    what = _option_name(option)
+    size = len(data)
+    if size < 8:
+        raise OptionError(Rep.ERR_INVALID, f"{what} data is {size} bytes, at least 8 needed")
+    (name_length,) = _U32.unpack_from(data, 0)
+    if name_length > size - 8:
+        raise OptionError(
+            Rep.ERR_INVALID, f"{what} name length {name_length} exceeds option length {size} - 8"
+        )
+    name = _decode_name(data[4 : 4 + name_length])
+    pos = 4 + name_length
+    (count,) = _U32.unpack_from(data, pos)
+    pos += 4
+    if count > (size - pos) // 4:
+        raise OptionError(
+            Rep.ERR_INVALID,
+            f"{what} announces {count} queries but only {size - pos} bytes follow",
+        )
+    if count > max_queries:
+        raise OptionError(
+            Rep.ERR_TOO_BIG, f"{what} has {count} queries, more than the limit of {max_queries}"
+        )
+    queries: list[str] = []
+    for index in range(count):
+        if size - pos < 4:
+            raise OptionError(Rep.ERR_INVALID, f"{what} query {index} is truncated")
+        (length,) = _U32.unpack_from(data, pos)
+        pos += 4
+        if length > size - pos:
+            raise OptionError(
+                Rep.ERR_INVALID,
+                f"{what} query {index} length {length} runs past the option data",
+            )
+        if length > MAX_STRING:
+            raise OptionError(
+                Rep.ERR_INVALID,
+                f"{what} query {index} is {length} bytes, over the {MAX_STRING}-byte limit",
+            )
+        try:
+            query = data[pos : pos + length].decode("utf-8")
+        except UnicodeDecodeError:
+            raise OptionError(Rep.ERR_INVALID, f"{what} query {index} is not UTF-8") from None
+        pos += length
+        if ":" not in query:
+            raise OptionError(
+                Rep.ERR_INVALID, f"{what} query {query[:64]!r} lacks a namespace and colon"
+            )
+        queries.append(query)
+    if pos != size:
+        raise OptionError(Rep.ERR_INVALID, f"{what} has {size - pos} bytes after its queries")
+    return _MetaRequest(name, tuple(queries))
+
+
+def _match_contexts(queries: Sequence[str], *, listing: bool) -> list[str]:
+    """The contexts (all ours are in ``base:``) that ``queries`` select, without duplicates.
+
+    ``base:`` is a wildcard when listing and selects nothing when setting; an unknown ``base:``
+    leaf and every other namespace are ignored, as the spec requires.
+    """
+    if listing and not queries:
+        return [BASE_ALLOCATION]
+    found: list[str] = []
+    for query in queries:
+        if query == BASE_ALLOCATION or (listing and query == "base:"):
+            if BASE_ALLOCATION not in found:
+                found.append(BASE_ALLOCATION)
+    return found
+
+
 _OptionHandler = Callable[["ServerHandshake", int, bytes], None]
 
 
@@ -246,6 +339,7 @@ class ServerHandshake:
         *,
         max_option_length: int = MAX_OPTION_LENGTH,
         max_options: int = MAX_OPTIONS,
+        max_meta_queries: int = MAX_META_QUERIES,
     ) -> None:
         if max_option_length < 0:
             raise ValueError(f"max_option_length must be >= 0, got {max_option_length}")
@@ -255,6 +349,7 @@ class ServerHandshake:
         self._list_exports = list_exports
         self._max_option_length = max_option_length
         self._max_options = max_options
+        self._max_meta_queries = max_meta_queries
         self._state = HandshakeState.NEGOTIATING
         self._phase = _Phase.CLIENT_FLAGS
         self._need = _CLIENT_FLAGS.size
@@ -268,6 +363,11 @@ class ServerHandshake:
         self._export: ExportInfo | None = None
         self._unused = bytearray()
         self._close_reason: str | None = None
+        self._structured = False
+        self._extended = False
+        self._meta: tuple[str, dict[int, str]] | None = None
+        self._next_context_id = 1
+        self._contexts: dict[int, str] = {}
 
     @property
     def state(self) -> HandshakeState:
@@ -287,6 +387,22 @@ class ServerHandshake:
     def no_zeroes(self) -> bool:
         """Whether the client set ``NBD_FLAG_C_NO_ZEROES``."""
         return self._no_zeroes
+
+    @property
+    def structured_replies(self) -> bool:
+        """Whether NBD_OPT_STRUCTURED_REPLY was acknowledged."""
+        return self._structured
+
+    @property
+    def extended_headers(self) -> bool:
+        """Whether NBD_OPT_EXTENDED_HEADERS was acknowledged (replies are all 32-byte chunks)."""
+        return self._extended
+
+    @property
+    def meta_contexts(self) -> dict[int, str]:
+        """Context id -> name selected for the chosen export (empty: NBD_CMD_BLOCK_STATUS is
+        refused). Only meaningful once :attr:`state` is ``TRANSMISSION``."""
+        return dict(self._contexts)
 
     @property
     def unused_data(self) -> bytes:
@@ -417,6 +533,8 @@ class ServerHandshake:
 
     def _enter_transmission(self, export: ExportInfo) -> None:
         self._export = export
+        if self._meta is not None and self._meta[0] == export.name:
+            self._contexts = self._meta[1]
         self._state = HandshakeState.TRANSMISSION
         self._phase = _Phase.DONE
 
@@ -427,13 +545,24 @@ class ServerHandshake:
             raise ProtocolViolation("NBD_OPT_EXPORT_NAME name is not valid UTF-8") from None
         if "\0" in name:
             raise ProtocolViolation("NBD_OPT_EXPORT_NAME name contains a NUL character")
+        if self._extended:
+            raise ProtocolViolation(
+                "NBD_OPT_EXPORT_NAME after NBD_OPT_EXTENDED_HEADERS: the client MUST NOT use it"
+            )
         export = self._lookup(name)
+        if export is not None and export.block_size_required:
+            self._close(
+                f"export {_describe_name(name)} needs NBD_INFO_BLOCK_SIZE, which "
+                "NBD_OPT_EXPORT_NAME cannot request (the server disconnects)"
+            )
+            return
         if export is None:
             self._close(
                 f"export {_describe_name(name)} does not exist "
                 "(NBD_OPT_EXPORT_NAME cannot return an error, so the server disconnects)"
             )
             return
+        export = self._negotiated(export)
         self._outgoing += _EXPORT_NAME_REPLY.pack(export.size, int(export.flags))
         if not self._no_zeroes:
             self._outgoing += bytes(EXPORT_NAME_PADDING)
@@ -463,7 +592,13 @@ class ServerHandshake:
             raise OptionError(
                 Rep.ERR_UNKNOWN, f"export {_describe_name(request.name)} does not exist"
             )
-        self._finish_info(option, data, request, export)
+        self._finish_info(option, data, request, self._negotiated(export))
+
+    def _negotiated(self, export: ExportInfo) -> ExportInfo:
+        """``export`` with the transmission flags that depend on what was negotiated."""
+        if self._structured or self._extended:
+            return dataclasses.replace(export, flags=export.flags | TransmissionFlag.SEND_DF)
+        return export
 
     def _finish_info(
         self, option: int, data: bytes, request: _InfoRequest, export: ExportInfo
@@ -474,6 +609,21 @@ class ServerHandshake:
         once" and the client "MUST NOT include any information request in the list more than once".
         """
         self._reply(option, Rep.INFO, _INFO_EXPORT.pack(Info.EXPORT, export.size, export.flags))
+        if export.block_size_required and Info.BLOCK_SIZE not in request.requests:
+            # Spec: a server sending ERR_BLOCK_SIZE_REQD "SHOULD ensure it first sends an
+            # NBD_INFO_BLOCK_SIZE information reply".
+            self._reply(
+                option,
+                Rep.INFO,
+                _INFO_BLOCK_SIZE.pack(
+                    Info.BLOCK_SIZE, export.min_block, export.preferred_block, export.max_block
+                ),
+            )
+            raise OptionError(
+                Rep.ERR_BLOCK_SIZE_REQD,
+                f"export {_describe_name(export.name)} requires block sizes "
+                f"(minimum {export.min_block}): request NBD_INFO_BLOCK_SIZE",
+            )
         for info in dict.fromkeys(request.requests):
             if info == Info.NAME:
                 self._reply(option, Rep.INFO, _U16.pack(Info.NAME) + export.name.encode("utf-8"))
@@ -497,6 +647,49 @@ class ServerHandshake:
         else:
             self._last_info = (data, export)
 
+    def _handle_structured_reply(self, option: int, data: bytes) -> None:
+        if self._extended:
+            raise OptionError(
+                Rep.ERR_EXT_HEADER_REQD,
+                "extended headers are already negotiated and take precedence over structured "
+                "replies",
+            )
+        self._structured = True
+        self._reply(option, Rep.ACK)
+
+    def _handle_extended_headers(self, option: int, data: bytes) -> None:
+        self._extended = True
+        self._reply(option, Rep.ACK)
+
+    def _handle_meta_context(self, option: int, data: bytes) -> None:
+        setting = option == Opt.SET_META_CONTEXT
+        if setting:
+            # "Issuing this command replaces all previously-set metadata contexts (including
+            # when this command fails)".
+            self._meta = None
+        request = _parse_meta_request(option, data, self._max_meta_queries)
+        if setting and not (self._structured or self._extended):
+            raise OptionError(
+                Rep.ERR_INVALID,
+                "NBD_OPT_SET_META_CONTEXT needs structured replies or extended headers first",
+            )
+        export = self._lookup(request.name)
+        if export is None:
+            raise OptionError(
+                Rep.ERR_UNKNOWN, f"export {_describe_name(request.name)} does not exist"
+            )
+        selected: dict[int, str] = {}
+        for context in _match_contexts(request.queries, listing=not setting):
+            context_id = 0
+            if setting:
+                context_id = self._next_context_id
+                self._next_context_id += 1
+                selected[context_id] = context
+            self._reply(option, Rep.META_CONTEXT, _U32.pack(context_id) + context.encode())
+        if setting:
+            self._meta = (export.name, selected)
+        self._reply(option, Rep.ACK)
+
     def _handle_unsupported(self, option: int, data: bytes) -> None:
         raise OptionError(Rep.ERR_UNSUP, f"{_option_name(option)} is not supported by this server")
 
@@ -517,6 +710,10 @@ _OPTION_RULES: Final[dict[int, _OptionRule]] = {
     Opt.STARTTLS: _OptionRule(ServerHandshake._handle_starttls, takes_data=False),
     Opt.INFO: _OptionRule(ServerHandshake._handle_info_or_go),
     Opt.GO: _OptionRule(ServerHandshake._handle_info_or_go),
+    Opt.STRUCTURED_REPLY: _OptionRule(ServerHandshake._handle_structured_reply, takes_data=False),
+    Opt.LIST_META_CONTEXT: _OptionRule(ServerHandshake._handle_meta_context),
+    Opt.SET_META_CONTEXT: _OptionRule(ServerHandshake._handle_meta_context),
+    Opt.EXTENDED_HEADERS: _OptionRule(ServerHandshake._handle_extended_headers, takes_data=False),
 }
 """Every option this server implements; any other number (known to the spec or not) gets
 ERR_UNSUP and its data is skipped, as the baseline requires."""

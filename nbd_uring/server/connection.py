@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -18,17 +19,24 @@ import trio
 
 from nbd_uring.engine.buffers import Buffer
 from nbd_uring.protocol import (
+    EXTENDED_REQUEST_SIZE,
     REQUEST_SIZE,
+    AllocationState,
+    ChunkEncoder,
     Cmd,
     CmdFlag,
+    ExportInfo,
     HandshakeState,
+    NbdErrno,
     ProtocolViolation,
     Request,
     RequestError,
     ServerHandshake,
     check_request,
+    decode_extended_request,
     decode_request,
     encode_simple_reply,
+    extended_payload_length,
     nbd_errno_for,
     payload_length,
 )
@@ -43,6 +51,17 @@ HANDSHAKE_RECV = 64 * 1024
 # Past this a WRITE's payload is not worth draining: the peer is broken or hostile.
 MAX_DISCARD = 256 * 1024 * 1024
 IOV_MAX = 1024
+# Runs of one structured READ reply; past this the rest of the range is sent as one data chunk.
+MAX_READ_RUNS = 4096
+# Descriptors per BLOCK_STATUS reply (the spec's SHOULD is 2^20; fewer bounds the lseek calls
+# made on the event loop, and clients ask again from where the reply stopped).
+MAX_STATUS_EXTENTS = 16384
+_HOLE_STATUS = int(AllocationState.HOLE | AllocationState.ZERO)
+_DF = int(CmdFlag.DF)
+_REQ_ONE = int(CmdFlag.REQ_ONE)
+
+_Head = bytes | list[bytes | memoryview]
+"""A reply as queued: simple reply or chunk bytes, or a list of chunk headers and data views."""
 
 _PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError, OSError)
 
@@ -90,16 +109,27 @@ class Connection:
         self.peer = peer
         self.export: ServedExport | None = None
         self.closed = False
-        self._replies: list[tuple[bytes, Buffer | None, int]] = []
+        self._replies: list[tuple[_Head, Buffer | None, int]] = []
         self._have_replies = trio.Event()
         self._budget = _Budget(server.config.max_bytes_in_flight, server.config.max_in_flight)
         self._leftover = b""
+        self.info: ExportInfo | None = None
+        """The export as negotiated (transmission flags included)."""
+        self._chunks: ChunkEncoder | None = None
+        """None: simple replies only. Otherwise structured or extended chunks."""
+        self._extended = False
+        self._contexts: dict[int, str] = {}
 
     # -- life cycle ---------------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, export: ServedExport | None = None) -> None:
+        """Serve this connection until it closes. With ``export``, the handshake happened
+        elsewhere (the kernel's netlink attach) and transmission on that export starts at once."""
         try:
-            if await self._negotiate():
+            if export is not None:
+                self.export, self.info = export, export.info
+                await self._transmit()
+            elif await self._negotiate():
                 await self._transmit()
         except ProtocolViolation as exc:
             log.warning("%s: closing connection: %s", self.peer, exc.message)
@@ -155,6 +185,11 @@ class Connection:
             return False
         assert hs.export is not None
         self.export = server.exports_by_name[hs.export.name]
+        self.info = hs.export
+        self._extended = hs.extended_headers
+        if hs.extended_headers or hs.structured_replies:
+            self._chunks = ChunkEncoder(extended=hs.extended_headers)
+        self._contexts = hs.meta_contexts
         self._leftover = hs.unused_data
         log.info("%s: export %r chosen, transmission begins", self.peer, hs.export.name)
         return True
@@ -177,32 +212,51 @@ class Connection:
 
     async def _reader_task(self) -> None:
         assert self.export is not None
-        export = self.export
-        info = export.info
+        info = self.info
+        assert info is not None
         ring = self.server.ring
+        extended = self._extended
+        meta_contexts = len(self._contexts)
+        hsize = EXTENDED_REQUEST_SIZE if extended else REQUEST_SIZE
+        decode = decode_extended_request if extended else decode_request
+        payload_of = extended_payload_length if extended else payload_length
         buf = bytearray(RECV_SIZE)
         mv = memoryview(buf)
         end = len(self._leftover)
         buf[:end] = self._leftover
         pos = 0
         while True:
-            while end - pos >= REQUEST_SIZE:
-                request = decode_request(mv[pos : pos + REQUEST_SIZE])
-                pos += REQUEST_SIZE
+            while end - pos >= hsize:
+                request = decode(mv[pos : pos + hsize])
+                pos += hsize
                 if request.command == Cmd.DISC:
                     log.info("%s: client sent NBD_CMD_DISC", self.peer)
                     ring.submit()
                     return
-                plen = payload_length(request)
+                plen = payload_of(request)
+                if extended and plen > info.max_block:
+                    # Spec: "A server SHOULD initiate hard disconnect if a client sets the
+                    # NBD_CMD_FLAG_PAYLOAD_LEN flag and uses a length larger than" max payload.
+                    raise ProtocolViolation(
+                        f"payload of {plen} bytes is over the maximum payload {info.max_block}"
+                    )
                 try:
-                    check_request(request, info)
+                    check_request(request, info, extended=extended, meta_contexts=meta_contexts)
                 except RequestError as exc:
                     log.info("%s: refused: %s", self.peer, exc.message)
                     pos, end = await self._discard(mv, pos, end, plen)
                     if self._budget.would_block(0):
                         ring.submit()
                     await self._budget.acquire(0)
-                    self._reply(request.cookie, 0, None, 0, nbd_error=exc.nbd_errno)
+                    self._reply(
+                        request.cookie,
+                        0,
+                        None,
+                        0,
+                        nbd_error=exc.nbd_errno,
+                        request=request,
+                        message=exc.message,
+                    )
                     continue
                 if plen:
                     ring.submit()
@@ -232,7 +286,7 @@ class Connection:
             if n == 0:
                 if end:
                     raise ProtocolViolation(
-                        f"connection closed inside a request header ({end} of 28 bytes)"
+                        f"connection closed inside a request header ({end} of {hsize} bytes)"
                     )
                 log.info("%s: client closed the connection without NBD_CMD_DISC", self.peer)
                 return
@@ -273,11 +327,10 @@ class Connection:
 
     def _submit_write(self, request: Request, lease: Buffer) -> None:
         assert self.export is not None
-        cookie = request.cookie
         nbytes = lease.length
 
         self.export.backend.write(
-            request.offset, lease, self._completion(cookie, nbytes), fua=request.fua
+            request.offset, lease, self._completion(request, nbytes), fua=request.fua
         )
 
     def _submit(self, request: Request, nbytes: int) -> None:
@@ -285,12 +338,18 @@ class Connection:
         backend = self.export.backend
         cookie = request.cookie
         command = request.command
-        done = self._completion(cookie, nbytes)
+        done = self._completion(request, nbytes)
         if command == Cmd.READ:
             lease = self.server.pool.acquire(request.length)
+            if self._chunks is None:
 
-            def read_done(err: int) -> None:
-                self._reply(cookie, err, lease, nbytes)
+                def read_done(err: int) -> None:
+                    self._reply(cookie, err, lease, nbytes)
+
+            else:
+
+                def read_done(err: int) -> None:
+                    self._structured_read_done(request, err, lease, nbytes)
 
             backend.read(request.offset, lease.view, read_done)
         elif command == Cmd.FLUSH:
@@ -304,14 +363,102 @@ class Connection:
                 done,
                 may_trim=not request.flags & CmdFlag.NO_HOLE,
                 fua=request.fua,
+                fast=bool(request.flags & CmdFlag.FAST_ZERO),
             )
         elif command == Cmd.CACHE:
             backend.cache(request.offset, request.length, done)
+        elif command == Cmd.BLOCK_STATUS:
+            self._block_status(request, nbytes)
         else:  # check_request lets only the commands above through
             self._reply(cookie, errno.EINVAL, None, nbytes)
 
-    def _completion(self, cookie: int, nbytes: int) -> Callable[[int], None]:
-        return lambda err: self._reply(cookie, err, None, nbytes)
+    def _completion(self, request: Request, nbytes: int) -> Callable[[int], None]:
+        cookie = request.cookie
+        return lambda err: self._reply(cookie, err, None, nbytes, request=request)
+
+    def _structured_read_done(
+        self, request: Request, err: int, lease: Buffer, nbytes: int
+    ) -> None:
+        """Reply to a READ with OFFSET_DATA chunks for data and OFFSET_HOLE chunks for holes.
+
+        The data is already in memory, so no error can arise while the chunks go out and the
+        last one carries NBD_REPLY_FLAG_DONE. With NBD_CMD_FLAG_DF there is at most one content
+        chunk: a range mixing data and holes goes as one OFFSET_DATA with the zeroes in it.
+        """
+        chunks = self._chunks
+        assert chunks is not None and self.export is not None
+        if err or self.closed:
+            self._reply(request.cookie, err, lease, nbytes, request=request)
+            return
+        cookie = request.cookie
+        start = request.offset
+        length = request.length
+        if length == 0:
+            self._queue(chunks.none(cookie, start), lease, nbytes)
+            return
+        runs = self.export.backend.extents(start, length, MAX_READ_RUNS)
+        covered = sum(n for n, _ in runs)
+        if covered < length:
+            runs.append((length - covered, False))
+        if request.flags & _DF and len(runs) > 1:
+            runs = [(length, False)]
+        view = lease.view
+        parts: list[bytes | memoryview] = []
+        pos = 0
+        last = len(runs) - 1
+        for index, (n, hole) in enumerate(runs):
+            if hole:
+                parts.append(chunks.offset_hole(cookie, start, start + pos, n, done=index == last))
+            else:
+                parts.append(chunks.offset_data(cookie, start, start + pos, n, done=index == last))
+                parts.append(view[pos : pos + n])
+            pos += n
+        self._queue(parts, lease, nbytes)
+
+    def _block_status(self, request: Request, nbytes: int) -> None:
+        """Answer NBD_CMD_BLOCK_STATUS for ``base:allocation`` from SEEK_DATA/SEEK_HOLE.
+
+        Extents stay inside the request (and so inside the export); with REQ_ONE there is
+        exactly one. A zero-length query has no extent to describe and gets EINVAL.
+        """
+        chunks = self._chunks
+        assert chunks is not None and self.export is not None
+        cookie = request.cookie
+        if request.length == 0:
+            self._reply(
+                cookie,
+                0,
+                None,
+                nbytes,
+                nbd_error=NbdErrno.EINVAL,
+                request=request,
+                message="NBD_CMD_BLOCK_STATUS with length 0 has no extent to report",
+            )
+            return
+        limit = 1 if request.flags & _REQ_ONE else MAX_STATUS_EXTENTS
+        runs = self.export.backend.extents(request.offset, request.length, limit)
+        extents = [(n, _HOLE_STATUS if hole else 0) for n, hole in runs]
+        parts: list[bytes | memoryview] = []
+        last = len(self._contexts) - 1
+        for index, context_id in enumerate(self._contexts):
+            parts.append(
+                chunks.block_status(
+                    cookie, request.offset, context_id, extents, done=index == last
+                )
+            )
+        self._queue(parts, None, nbytes)
+
+    def _failure_message(self, request: Request | None, err: int) -> str:
+        if request is None:
+            return os.strerror(err)
+        try:
+            name = f"NBD_CMD_{Cmd(request.command).name}"
+        except ValueError:
+            name = f"command {request.command}"
+        return (
+            f"{name} offset={request.offset} length={request.length} failed: "
+            f"{os.strerror(err)} ({errno.errorcode.get(err, err)})"
+        )
 
     # -- replies ------------------------------------------------------------------------
 
@@ -323,8 +470,14 @@ class Connection:
         nbytes: int,
         *,
         nbd_error: int | None = None,
+        request: Request | None = None,
+        message: str | None = None,
     ) -> None:
-        """Queue the reply for ``cookie``; ``err`` is an errno from the engine."""
+        """Queue the reply for ``cookie``; ``err`` is an errno from the engine.
+
+        With structured replies or extended headers an error goes out as an ERROR chunk with
+        ``message`` (or one made from ``request`` and ``err``) for a human to read.
+        """
         if nbd_error is None:
             nbd_error = nbd_errno_for(err) if err else 0
             if err:
@@ -337,7 +490,33 @@ class Connection:
             if data is not None:
                 data.release()
             return
-        self._replies.append((encode_simple_reply(cookie, nbd_error), data, nbytes))
+        chunks = self._chunks
+        if chunks is None:
+            self._replies.append((encode_simple_reply(cookie, nbd_error), data, nbytes))
+        else:
+            offset = 0 if request is None else request.offset
+            if not nbd_error:
+                # Structured replies MAY answer a payload-less success with a simple reply;
+                # extended headers MUST NOT use one.
+                head = (
+                    chunks.none(cookie, offset)
+                    if chunks.extended
+                    else encode_simple_reply(cookie, 0)
+                )
+            else:
+                if message is None:
+                    message = self._failure_message(request, err)
+                head = chunks.error(cookie, offset, nbd_error, message)
+            self._replies.append((head, data, nbytes))
+        self._have_replies.set()
+
+    def _queue(self, head: _Head, data: Buffer | None, nbytes: int) -> None:
+        """Queue a reply already encoded; ``data`` is released once it is sent."""
+        if self.closed:
+            if data is not None:
+                data.release()
+            return
+        self._replies.append((head, data, nbytes))
         self._have_replies.set()
 
     async def _writer_task(self, scope: trio.CancelScope) -> None:
@@ -358,12 +537,15 @@ class Connection:
             self.closed = True
             scope.cancel()
 
-    async def _send_replies(self, batch: list[tuple[bytes, Buffer | None, int]]) -> None:
+    async def _send_replies(self, batch: list[tuple[_Head, Buffer | None, int]]) -> None:
         iov: list[bytes | memoryview] = []
         for header, data, _nbytes in batch:
-            iov.append(header)
-            if data is not None:
-                iov.append(data.view)
+            if type(header) is list:
+                iov.extend(header)  # chunks whose data views point into ``data``
+            else:
+                iov.append(header)  # type: ignore[arg-type]
+                if data is not None and data.length:  # an empty view would never be "sent"
+                    iov.append(data.view)
         sock = self.sock
         try:
             while iov:

@@ -24,7 +24,9 @@ from nbd_uring.protocol import (
     RequestError,
     TransmissionFlag,
     check_request,
+    decode_extended_request,
     decode_request,
+    extended_payload_length,
 )
 
 from ._helpers import GREETING, Outcome, feed, info_data, parse_replies
@@ -140,3 +142,90 @@ def test_request_headers_decode_or_fail_cleanly(header: bytes) -> None:
             Cmd.DISC,
             Cmd.FLUSH,
         )
+
+
+@st.composite
+def extended_headers(draw: st.DrawFn) -> bytes:
+    magic = draw(st.one_of(st.just(0x21E41C71), st.integers(0, 2**32 - 1)))
+    flags = draw(st.one_of(st.integers(0, 0x3F), st.integers(0, 0xFFFF)))
+    command = draw(st.one_of(st.sampled_from(list(Cmd)), st.integers(0, 0xFFFF)))
+    cookie = draw(st.integers(0, 2**64 - 1))
+    offset = draw(st.one_of(st.integers(0, 1 << 21), st.integers(0, 2**64 - 1)))
+    length = draw(st.one_of(st.integers(0, 1 << 21), st.integers(0, 2**64 - 1)))
+    return struct.pack(">IHHQQQ", magic, flags, command, cookie, offset, length)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.one_of(extended_headers(), st.binary(min_size=32, max_size=32)),
+    st.integers(0, 2),
+)
+def test_extended_headers_decode_or_fail_cleanly(header: bytes, contexts: int) -> None:
+    """Extended requests: a Request, a RequestError or a ProtocolViolation, nothing else; an
+    accepted request never reaches past the export, and the payload that follows is announced
+    only with NBD_CMD_FLAG_PAYLOAD_LEN (and is bounded by the maximum payload when accepted)."""
+    try:
+        request = decode_extended_request(header)
+    except ProtocolViolation:
+        return
+    for export in (EXPORT, READ_ONLY):
+        try:
+            check_request(request, export, extended=True, meta_contexts=contexts)
+        except RequestError as exc:
+            assert exc.message
+            continue
+        plen = extended_payload_length(request)
+        assert plen == 0 or (request.command == Cmd.WRITE and plen <= export.max_block)
+        assert request.offset + request.length <= export.size or request.command in (
+            Cmd.DISC,
+            Cmd.FLUSH,
+        )
+
+
+meta_queries = st.lists(
+    st.one_of(
+        st.sampled_from(["base:allocation", "base:", "base:x", "qemu:dirty-bitmap:a", "nocolon"]),
+        st.text(max_size=12),
+    ),
+    max_size=6,
+)
+
+
+@st.composite
+def meta_options(draw: st.DrawFn) -> bytes:
+    opt = draw(st.sampled_from([Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT]))
+    name = draw(st.sampled_from([b"disk", b"", b"nope"]))
+    queries = [q.encode() for q in draw(meta_queries)]
+    data = struct.pack(">I", len(name)) + name + struct.pack(">I", len(queries))
+    data += b"".join(struct.pack(">I", len(q)) + q for q in queries)
+    if draw(st.booleans()):
+        cut = draw(st.integers(0, len(data)))
+        data = data[:cut] + draw(st.binary(max_size=8))
+    return struct.pack(">QII", IHAVEOPT, opt, len(data)) + data
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.booleans(), st.lists(meta_options(), max_size=5))
+def test_meta_context_options_always_get_a_final_reply(sr: bool, options: list[bytes]) -> None:
+    """Every meta-context option ends in exactly one ACK or error reply, the ids of one SET are
+    unique, and a GO afterwards still enters transmission."""
+    client = struct.pack(">I", 3)
+    if sr:
+        client += struct.pack(">QII", IHAVEOPT, Opt.STRUCTURED_REPLY, 0)
+    go = info_data("disk")
+    client += b"".join(options) + struct.pack(">QII", IHAVEOPT, Opt.GO, len(go)) + go
+    outcome = feed([client], max_options=16)
+    assert outcome.violation is None
+    assert outcome.state is HandshakeState.TRANSMISSION
+    replies = parse_replies(outcome.sent[len(GREETING) :])
+    finals = [r for r in replies if r.rep == Rep.ACK or r.rep & 2**31]
+    assert len(finals) == len(options) + 1 + int(sr)
+    ids: list[int] = []
+    for r in replies:
+        if r.rep == Rep.META_CONTEXT:
+            if r.option == Opt.SET_META_CONTEXT:
+                ids.append(struct.unpack_from(">I", r.payload)[0])
+            else:
+                assert r.payload[:4] == b"\0\0\0\0"
+            r.payload[4:].decode("utf-8")
+    assert len(ids) == len(set(ids))

@@ -441,10 +441,6 @@ def test_starttls_with_data_is_err_invalid() -> None:
     "opt",
     [
         Opt.PEEK_EXPORT,
-        Opt.STRUCTURED_REPLY,
-        Opt.LIST_META_CONTEXT,
-        Opt.SET_META_CONTEXT,
-        Opt.EXTENDED_HEADERS,
         0,
         12,
         0x7FFFFFFF,

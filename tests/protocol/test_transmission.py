@@ -72,12 +72,14 @@ def test_zero_length_requests_are_accepted(command: Cmd, offset: int) -> None:
 @pytest.mark.parametrize("command", [Cmd.BLOCK_STATUS, Cmd.RESIZE, 9, 0x7FFF, 0xFFFF])
 def test_unknown_or_unsupported_commands_are_einval(command: int) -> None:
     """ "The server SHOULD return NBD_EINVAL if it receives an unknown command." BLOCK_STATUS
-    needs a metadata context selected with NBD_OPT_SET_META_CONTEXT, which this server never
-    selects, and RESIZE is experimental.
+    without a metadata context selected: "Servers SHOULD reply with NBD_EINVAL to clients sending
+    NBD_CMD_BLOCK_STATUS without selecting at least one metadata context"; RESIZE is experimental.
     """
     error = refused(req(command, 0, 512))
     assert error.nbd_errno is NbdErrno.EINVAL
-    if command in (9, 0x7FFF, 0xFFFF):
+    if command == Cmd.BLOCK_STATUS:
+        assert "NBD_OPT_SET_META_CONTEXT" in error.message
+    elif command in (9, 0x7FFF, 0xFFFF):
         assert error.message == f"unknown command {command}"
     else:
         assert error.message == f"NBD_CMD_{Cmd(command).name} is not supported by this server"
@@ -285,5 +287,5 @@ def test_read_only_beats_range_and_flag_beats_read_only() -> None:
 
 
 def test_command_specs_cover_exactly_the_implemented_commands() -> None:
-    assert set(COMMAND_SPECS) == {*ALL_COMMANDS_ON_RW, Cmd.CACHE}
+    assert set(COMMAND_SPECS) == {*ALL_COMMANDS_ON_RW, Cmd.CACHE, Cmd.BLOCK_STATUS}
     assert all(spec.name == f"NBD_CMD_{Cmd(c).name}" for c, spec in COMMAND_SPECS.items())
