@@ -10,7 +10,10 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -24,6 +27,9 @@ from nbd_uring.config import (
     Ordering,
     ServerConfig,
 )
+
+if TYPE_CHECKING:
+    from nbd_uring.kernel import AttachConfig
 
 log = logging.getLogger("nbd_uring")
 
@@ -137,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0,
         help="log each connection and each failed request (-vv: debug)",
     )
+    _add_kernel_commands(sub)
     return parser
 
 
@@ -210,9 +217,236 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- attach / detach / list: kernel /dev/nbdX devices through netlink ---------------------
+
+ATTACH_DESCRIPTION = """\
+Serve FILE in this process and connect it to a kernel /dev/nbdN device through netlink: no
+TCP, no nbd-client. Prints the device once the kernel has it, then serves it in the background
+until `nbd-uring detach DEVICE` (or SIGTERM to the serving process, which detaches too).
+Needs root and the kernel's nbd module (modprobe nbd)."""
+
+ATTACH_EPILOG = """\
+examples:
+  nbd-uring attach disk.img                         prints e.g. /dev/nbd0
+  nbd-uring attach disk.img -C 4 -b 4096 --device /dev/nbd2
+  nbd-uring list
+  nbd-uring detach /dev/nbd2
+"""
+
+
+def _add_kernel_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    attach = sub.add_parser(
+        "attach",
+        help="back a kernel /dev/nbdN device with a file (netlink, in-process)",
+        description=ATTACH_DESCRIPTION,
+        epilog=ATTACH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    attach.add_argument("file", metavar="FILE", help="file or block device to serve")
+    attach.add_argument(
+        "-d", "--device", metavar="/dev/nbdN", help="device to use (default: the kernel picks)"
+    )
+    attach.add_argument(
+        "-C", "--connections", type=int, default=1, metavar="N",
+        help="connections (sockets) for the kernel to spread requests over (default 1)",
+    )
+    attach.add_argument("-r", "--read-only", action="store_true", help="a read-only device")
+    attach.add_argument(
+        "-b", "--block-size", type=parse_size, default=512, metavar="B",
+        help="logical block size: 512 (default), 1024, 2048 or 4096",
+    )
+    attach.add_argument("--size", type=parse_size, help="export size (bytes, or 64K, 1G, ...)")
+    attach.add_argument(
+        "--create", action="store_true", help="create FILE (sparse) or extend it to --size"
+    )
+    attach.add_argument(
+        "--timeout", type=int, default=0, metavar="SECONDS",
+        help="kernel request timeout (default 0: wait as long as it takes)",
+    )
+    attach.add_argument(
+        "--dead-conn-timeout", type=int, metavar="SECONDS",
+        help="how long the kernel waits for a dead connection to be replaced",
+    )
+    attach.add_argument(
+        "-f", "--foreground", action="store_true",
+        help="serve in the foreground (logs on stderr) instead of in the background",
+    )
+    attach.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv)")
+
+    detach = sub.add_parser(
+        "detach",
+        help="disconnect a kernel /dev/nbdN device",
+        description="Disconnect /dev/nbdN: the kernel sends NBD_CMD_DISC to its server and "
+        "drops the connections, whichever server it was attached to.",
+    )
+    detach.add_argument("device", metavar="DEVICE", help="/dev/nbdN, nbdN or N")
+    detach.add_argument(
+        "--wait", type=float, default=10.0, metavar="SECONDS",
+        help="wait this long for the device to be released (default 10; 0: do not wait)",
+    )
+    detach.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv)")
+
+    listing = sub.add_parser(
+        "list",
+        help="list kernel /dev/nbdN devices",
+        description="List connected /dev/nbdN devices (NBD_CMD_STATUS), whoever attached them.",
+    )
+    listing.add_argument("device", nargs="?", metavar="DEVICE", help="only this device")
+    listing.add_argument(
+        "-a", "--all", action="store_true", help="also list devices that are not connected"
+    )
+    listing.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv)")
+
+
+def _expected_errors(exc: BaseException) -> list[Exception]:
+    """The user-facing errors inside ``exc`` (Trio wraps errors raised inside nurseries in
+    exception groups); re-raises ``exc`` when it holds anything else."""
+    from nbd_uring.kernel import KernelError
+
+    expected = (KernelError, OSError, ValueError)
+    if isinstance(exc, expected):
+        return [exc]
+    if isinstance(exc, BaseExceptionGroup):
+        leaves: list[Exception] = []
+        for inner in exc.exceptions:
+            leaves.extend(_expected_errors(inner))
+        return leaves
+    raise exc
+
+
+class _Ready:
+    """A ``task_status`` that hands the started value to a callback."""
+
+    def __init__(self, report: Callable[[str], None]) -> None:
+        self._report = report
+
+    def started(self, value: str | None = None) -> None:
+        assert value is not None
+        self._report(value)
+
+
+def _run_attach(cfg: AttachConfig, report: Callable[[str], None]) -> int:
+    from nbd_uring.kernel import attach
+
+    try:
+        trio.run(partial(attach, cfg, task_status=_Ready(report)))
+    except (Exception, BaseExceptionGroup) as exc:
+        for error in _expected_errors(exc):
+            print(f"nbd-uring: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _in_background(run: Callable[[Callable[[str], None]], int]) -> int:
+    """Fork: the child runs ``run(report)`` in a new session; once it calls ``report(text)``
+    the parent prints ``text`` and exits 0, while the child, its stdio now /dev/null, goes on.
+    If the child ends without reporting (its errors go to our stderr), the parent fails."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as pipe:
+            ready = pipe.read().decode()
+        if ready:
+            print(ready, flush=True)
+            return 0
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status) or 1
+    code = 1
+    try:
+        os.close(rfd)
+        os.setsid()
+
+        def report(text: str) -> None:
+            os.write(wfd, text.encode())
+            os.close(wfd)
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            os.close(devnull)
+
+        code = run(report)
+    finally:
+        os._exit(code)
+
+
+def _attach(args: argparse.Namespace) -> int:
+    from nbd_uring.kernel import AttachConfig, KernelError, check_kernel, parse_device
+
+    try:
+        cfg = AttachConfig(
+            export=ExportConfig(
+                path=args.file, read_only=args.read_only, size=args.size, create=args.create
+            ),
+            device=None if args.device is None else parse_device(args.device),
+            connections=args.connections,
+            block_size=args.block_size,
+            timeout_s=args.timeout,
+            dead_conn_timeout_s=args.dead_conn_timeout,
+        )
+        check_kernel()  # fail here, in the foreground, when the module is missing
+    except (KernelError, ValueError, OSError) as exc:
+        print(f"nbd-uring: {exc}", file=sys.stderr)
+        return 1
+    if args.foreground:
+        return _run_attach(cfg, lambda device: print(device, flush=True))
+    return _in_background(partial(_run_attach, cfg))
+
+
+def _detach(args: argparse.Namespace) -> int:
+    from nbd_uring.kernel import KernelError, NbdNetlink, device_path, parse_device
+
+    try:
+        index = parse_device(args.device)
+        with NbdNetlink() as nl:
+            nl.disconnect(index)
+            deadline = time.monotonic() + args.wait
+            while args.wait > 0:
+                if not any(d.connected for d in nl.status(index)):
+                    break
+                if time.monotonic() > deadline:
+                    print(
+                        f"nbd-uring: {device_path(index)} is disconnected from its server but "
+                        "still held open (mounted?)",
+                        file=sys.stderr,
+                    )
+                    break
+                time.sleep(0.05)
+    except (KernelError, ValueError) as exc:
+        print(f"nbd-uring: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from nbd_uring.kernel import KernelError, NbdNetlink, parse_device
+
+    try:
+        index = None if args.device is None else parse_device(args.device)
+        with NbdNetlink() as nl:
+            devices = nl.status(index)
+    except (KernelError, ValueError) as exc:
+        print(f"nbd-uring: {exc}", file=sys.stderr)
+        return 1
+    for device in devices:
+        if device.connected or args.all or index is not None:
+            state = "connected" if device.connected else "disconnected"
+            print(f"{device.path}\t{state}")
+    return 0
+
+
+_KERNEL_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "attach": _attach,
+    "detach": _detach,
+    "list": _list,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     if args.command == "serve":
         return _serve(args)
+    if args.command in _KERNEL_COMMANDS:
+        return _KERNEL_COMMANDS[args.command](args)
     return 2

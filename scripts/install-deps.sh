@@ -15,6 +15,12 @@ PACKAGES=(
     fio                 # fio with the nbd ioengine
     nbd-server
     nbd-client
+    # tests/kernel: the kernel NBD client in a qemu TCG guest (which also downloads Debian's
+    # kernel package with apt-get download, into /var/cache/nbd-uring-vm)
+    qemu-system-x86     # qemu-system-x86_64
+    busybox-static      # the guest's initramfs
+    kmod                # depmod for the unpacked kernel modules, modprobe in the guest
+    e2fsprogs           # mkfs.ext4, fsck.ext4
 )
 
 if [[ $(id -u) -eq 0 ]]; then

@@ -71,7 +71,7 @@ def _open_export(ring: Ring, cfg: ExportConfig) -> ServedExport:
     info = ExportInfo(
         name=cfg.name,
         size=backend.size,
-        flags=transmission_flags_for(read_only=cfg.read_only),
+        flags=transmission_flags_for(read_only=cfg.read_only, can_cache=True, can_fast_zero=True),
         description=cfg.description,
     )
     return ServedExport(info=info, backend=backend)
@@ -175,9 +175,30 @@ class Server:
             log.info("%s: connected", peer)
             nursery.start_soon(self._connection_task, sock, peer)
 
-    async def _connection_task(self, sock: trio.socket.SocketType, peer: str) -> None:
+    async def serve_connected(
+        self,
+        socks: Sequence[trio.socket.SocketType],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve sockets whose handshake already happened elsewhere (``nbd-uring attach`` hands
+        the kernel the other ends): each starts in transmission on the default export. Returns
+        once every one of them has closed."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._reaper_task)
+            async with trio.open_nursery() as connections:
+                for number, sock in enumerate(socks):
+                    connections.start_soon(
+                        self._connection_task, sock, f"kernel#{number}", self.default_export
+                    )
+                task_status.started()
+            nursery.cancel_scope.cancel()
+
+    async def _connection_task(
+        self, sock: trio.socket.SocketType, peer: str, export: ServedExport | None = None
+    ) -> None:
         try:
-            await Connection(self, sock, peer).run()
+            await Connection(self, sock, peer).run(export)
         except Exception:
             # A bug must cost one connection, never the server.
             log.exception("%s: connection failed", peer)
