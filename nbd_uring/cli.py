@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import logging
 import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -109,8 +112,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--print-uri", action="store_true", help="print the export's URI on stdout when ready"
     )
     serve.add_argument(
-        "--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+        "--handshake-timeout", type=float, metavar="SECONDS",
         help="drop clients that have not chosen an export by then (default 10)",
+    )
+    serve.add_argument(
+        "-c", "--config", metavar="FILE",
+        help="TOML configuration (server settings and any number of exports); the options "
+        "here override its [server] settings",
+    )
+    serve.add_argument(
+        "--allow", action="append", metavar="CIDR",
+        help="accept TCP clients only from these networks or addresses (repeatable)",
+    )
+    serve.add_argument(
+        "--max-connections", type=int, metavar="N", help="refuse clients beyond N at once"
+    )
+    serve.add_argument(
+        "--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at /metrics there"
+    )
+    serve.add_argument("--pidfile", metavar="PATH", help="write the process id there once ready")
+    serve.add_argument(
+        "--run", metavar="CMD",
+        help="captive mode: once listening, run CMD in a shell with $uri (and $unixsocket) set, "
+        "then shut down and exit with its status",
     )
     serve.add_argument(
         "--ordering", choices=[o.value for o in Ordering], default=Ordering.STRICT.value,
@@ -143,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0,
         help="log each connection and each failed request (-vv: debug)",
     )
+    check = sub.add_parser(
+        "check-config",
+        help="check a configuration file",
+        description="Parse and validate a TOML configuration file; errors name the line.",
+    )
+    check.add_argument("config", metavar="FILE")
+    check.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
     _add_kernel_commands(sub)
     return parser
 
@@ -156,27 +187,126 @@ def _configure_logging(verbosity: int) -> None:
     )
 
 
-async def _run(config: ServerConfig, export_name: str, print_uri: bool) -> None:
+async def _run(
+    config: ServerConfig, export_name: str, args: argparse.Namespace
+) -> int:
     from nbd_uring.server import Server
+    from nbd_uring.server.systemd import listen_fds, notify
 
-    server = Server(config)
+    inherited = listen_fds()
+    if inherited:
+        log.info("socket activation: serving %d inherited socket(s)", len(inherited))
+    server = Server(config, listen_sockets=inherited)
+    status = 0
     try:
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(server.serve)
             for address in addresses:
                 log.info("listening on %s", address.uri(export_name))
-            if print_uri:
+            if args.print_uri:
                 print(addresses[0].uri(export_name), flush=True)
+            if args.pidfile:
+                _write_pidfile(args.pidfile)
+            notify("READY=1")
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.info("%s received, shutting down", signal.Signals(signum).name)
-                    break
+                if args.run:
+                    status = await _captive(args.run, addresses, export_name, signals)
+                else:
+                    async for signum in signals:
+                        log.info("%s received, shutting down", signal.Signals(signum).name)
+                        break
+            notify("STOPPING=1")
             nursery.cancel_scope.cancel()
     finally:
         server.close()
+        if args.pidfile:
+            with contextlib.suppress(OSError):
+                os.unlink(args.pidfile)
+    return status
+
+
+def _write_pidfile(path: str) -> None:
+    """Written only once the server listens, so its presence means ready (as with nbdkit)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+async def _captive(
+    command: str, addresses: Sequence[Any], export_name: str, signals: Any
+) -> int:
+    """nbdkit's --run: the server lives exactly as long as ``command``."""
+    env = dict(os.environ, uri=addresses[0].uri(export_name))
+    for address in addresses:
+        if address.family == socket.AF_UNIX:
+            env["unixsocket"] = str(address.address)
+    result: list[int] = []
+
+    async def run_command(cancel: trio.CancelScope) -> None:
+        proc = await trio.run_process(command, shell=True, env=env, check=False)
+        result.append(proc.returncode)
+        cancel.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_command, nursery.cancel_scope)
+        async for signum in signals:
+            log.info("%s received, stopping --run command", signal.Signals(signum).name)
+            nursery.cancel_scope.cancel()
+            break
+    code = result[0] if result else 128 + signal.SIGTERM
+    return code if code >= 0 else 128 - code
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from nbd_uring.configfile import ConfigError, load_config_file
+
+    try:
+        config = load_config_file(args.config)
+    except ConfigError as exc:
+        print(f"nbd-uring: {exc}", file=sys.stderr)
+        return 1
+    names = ", ".join(repr(e.name) for e in config.exports)
+    print(f"{args.config}: OK ({len(config.exports)} export(s): {names})")
+    return 0
+
+
+def _config_from_file(args: argparse.Namespace) -> ServerConfig:
+    from nbd_uring.configfile import load_config_file
+
+    if args.file is not None:
+        raise ValueError("give either FILE or --config, not both")
+    config = load_config_file(args.config)
+    overrides: dict[str, Any] = {}
+    if args.unix is not None:
+        overrides["unix_path"] = args.unix
+        if args.port is None and args.bind is None:
+            overrides["port"] = overrides["bind"] = None
+    if args.port is not None:
+        overrides["port"] = args.port
+        overrides["bind"] = args.bind or config.bind or DEFAULT_BIND
+    elif args.bind is not None:
+        overrides["bind"] = args.bind
+        overrides["port"] = config.port or DEFAULT_PORT
+    for field, value in (
+        ("handshake_timeout_s", args.handshake_timeout),
+        ("max_connections", args.max_connections),
+        ("metrics", args.metrics),
+        ("allow", tuple(args.allow) if args.allow else None),
+    ):
+        if value is not None:
+            overrides[field] = value
+    return dataclasses.replace(config, **overrides)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.config is not None:
+        try:
+            config = _config_from_file(args)
+            return trio.run(_run, config, config.exports[0].name, args)
+        except (OSError, ValueError) as exc:
+            print(f"nbd-uring: {exc}", file=sys.stderr)
+            return 1
     scratch_dir: str | None = None
     path, size, create = args.file, args.size, args.create
     if path is None:
@@ -205,16 +335,18 @@ def _serve(args: argparse.Namespace) -> int:
             bind=None if unix_only else (args.bind or DEFAULT_BIND),
             port=None if unix_only else (DEFAULT_PORT if args.port is None else args.port),
             unix_path=args.unix,
-            handshake_timeout_s=args.handshake_timeout,
+            handshake_timeout_s=args.handshake_timeout or 10.0,
+            max_connections=args.max_connections,
+            allow=tuple(args.allow or ()),
+            metrics=args.metrics,
         )
-        trio.run(_run, config, args.export_name, args.print_uri)
+        return trio.run(_run, config, args.export_name, args)
     except (OSError, ValueError) as exc:
         print(f"nbd-uring: {exc}", file=sys.stderr)
         return 1
     finally:
         if scratch_dir is not None:
             shutil.rmtree(scratch_dir, ignore_errors=True)
-    return 0
 
 
 # -- attach / detach / list: kernel /dev/nbdX devices through netlink ---------------------
@@ -447,6 +579,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.verbose)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "check-config":
+        return _check_config(args)
     if args.command in _KERNEL_COMMANDS:
         return _KERNEL_COMMANDS[args.command](args)
     return 2

@@ -15,6 +15,7 @@ PACKAGES=(
     fio                 # fio with the nbd ioengine
     nbd-server
     nbd-client
+    systemd             # systemd-socket-activate for the socket-activation test
     # tests/kernel: the kernel NBD client in a qemu TCG guest (which also downloads Debian's
     # kernel package with apt-get download, into /var/cache/nbd-uring-vm)
     qemu-system-x86     # qemu-system-x86_64

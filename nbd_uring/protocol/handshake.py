@@ -330,6 +330,10 @@ class ServerHandshake:
     The caller loops: write :meth:`data_to_send`; stop if :attr:`state` is ``TRANSMISSION`` (hand
     :attr:`export` and :attr:`unused_data` to the transmission phase) or ``CLOSED``; otherwise read
     and :meth:`receive_data`. A :class:`ProtocolViolation` from ``receive_data`` means close now.
+
+    ``lookup`` returns None for an export that does not exist, and may raise
+    :class:`OptionError` (e.g. ``ERR_POLICY``) to refuse one that does: INFO and GO answer with
+    that error, EXPORT_NAME disconnects.
     """
 
     def __init__(
@@ -549,7 +553,14 @@ class ServerHandshake:
             raise ProtocolViolation(
                 "NBD_OPT_EXPORT_NAME after NBD_OPT_EXTENDED_HEADERS: the client MUST NOT use it"
             )
-        export = self._lookup(name)
+        try:
+            export = self._lookup(name)
+        except OptionError as exc:
+            self._close(
+                f"export {_describe_name(name)} refused: {exc.message} "
+                "(NBD_OPT_EXPORT_NAME cannot return an error, so the server disconnects)"
+            )
+            return
         if export is not None and export.block_size_required:
             self._close(
                 f"export {_describe_name(name)} needs NBD_INFO_BLOCK_SIZE, which "

@@ -7,12 +7,14 @@ requests from all clients meet in one submission queue in the order they were re
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
 import stat
 import urllib.parse
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +25,9 @@ from nbd_uring.engine.buffers import BufferPool
 from nbd_uring.engine.export import Export
 from nbd_uring.engine.faults import FaultInjector
 from nbd_uring.engine.ring import Ring
-from nbd_uring.protocol import ExportInfo, transmission_flags_for
+from nbd_uring.protocol import ExportInfo, OptionError, Rep, transmission_flags_for
 from nbd_uring.server.connection import Connection, set_nodelay
+from nbd_uring.server.metrics import Collector, Stats, serve_metrics
 
 log = logging.getLogger("nbd_uring.server")
 
@@ -35,6 +38,7 @@ class ServedExport:
 
     info: ExportInfo
     backend: Export
+    config: ExportConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +78,40 @@ def _open_export(ring: Ring, cfg: ExportConfig) -> ServedExport:
         flags=transmission_flags_for(read_only=cfg.read_only, can_cache=True, can_fast_zero=True),
         description=cfg.description,
     )
-    return ServedExport(info=info, backend=backend)
+    return ServedExport(info=info, backend=backend, config=cfg)
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(allow: Sequence[str]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(a, strict=False) for a in allow)
+
+
+def _allowed(address: str | None, networks: tuple[Network, ...]) -> bool:
+    """Unix-socket peers (no address) are governed by the socket's file permissions."""
+    if not networks or address is None:
+        return True
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
 
 
 class Server:
-    def __init__(self, config: ServerConfig) -> None:
+    """Owns the ring and the exports; serves listeners, or sockets handed over already
+    negotiated. ``listen_sockets`` (systemd socket activation) replace the configured ones."""
+
+    def __init__(
+        self, config: ServerConfig, *, listen_sockets: Sequence[socket.socket] = ()
+    ) -> None:
         self.config = config
+        self._inherited = list(listen_sockets)
+        self._allow = _networks(config.allow)
+        self._export_allow = {e.name: _networks(e.allow) for e in config.exports}
+        self.connections = 0
+        self.export_connections: Counter[str] = Counter()
+        self.stats = {e.name: Stats(e.name) for e in config.exports}
         self.ring = Ring(config.ring_entries)
         self.pool = BufferPool()
         self.exports_by_name: dict[str, ServedExport] = {}
@@ -103,6 +135,51 @@ class Server:
     def list_infos(self) -> Sequence[ExportInfo]:
         return [served.info for served in self.exports_by_name.values()]
 
+    def policy_for(
+        self, address: str | None
+    ) -> tuple[Callable[[str], ExportInfo | None], Callable[[], Sequence[ExportInfo]]]:
+        """The export lookup and listing one client may see: exports whose allow list
+        excludes ``address``, or that are at their connection limit, are refused with
+        ERR_POLICY (and not listed when the address is the reason)."""
+
+        def refusal(served: ServedExport) -> str | None:
+            name = served.config.name
+            if not _allowed(address, self._export_allow[name]):
+                return f"export {name!r} is not available to {address}"
+            limit = served.config.max_connections
+            if limit is not None and self.export_connections[name] >= limit:
+                return f"export {name!r} has reached its limit of {limit} connections"
+            return None
+
+        def lookup(name: str) -> ExportInfo | None:
+            served = self.exports_by_name.get(name)
+            if served is None and name == "":
+                served = self.default_export
+            if served is None:
+                return None
+            reason = refusal(served)
+            if reason is not None:
+                raise OptionError(Rep.ERR_POLICY, reason)
+            return served.info
+
+        def listing() -> Sequence[ExportInfo]:
+            return [
+                served.info
+                for served in self.exports_by_name.values()
+                if _allowed(address, self._export_allow[served.config.name])
+            ]
+
+        return lookup, listing
+
+    def export_chosen(self, served: ServedExport) -> None:
+        self.export_connections[served.config.name] += 1
+        self.stats[served.config.name].connections += 1
+        self.stats[served.config.name].connections_total += 1
+
+    def export_released(self, served: ServedExport) -> None:
+        self.export_connections[served.config.name] -= 1
+        self.stats[served.config.name].connections -= 1
+
     def close(self) -> None:
         """Wait for the ring to finish in-flight I/O, then close the exports' files."""
         self.ring.close()
@@ -114,6 +191,18 @@ class Server:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reaper_task)
+                if self.config.metrics is not None:
+                    host, _, port = self.config.metrics.rpartition(":")
+                    collector = Collector(
+                        self.stats,
+                        deferred_errors=lambda name: self.exports_by_name[
+                            name
+                        ].backend.deferred_errors_total,
+                    )
+                    bound = await nursery.start(
+                        serve_metrics, host.strip("[]") or "127.0.0.1", int(port), collector
+                    )
+                    log.info("metrics on http://%s:%d/metrics", host or "127.0.0.1", bound)
                 for sock in listeners:
                     nursery.start_soon(self._accept_task, sock, nursery)
                 task_status.started(self.addresses)
@@ -127,6 +216,12 @@ class Server:
     async def _open_listeners(self) -> list[trio.socket.SocketType]:
         cfg = self.config
         socks: list[trio.socket.SocketType] = []
+        if self._inherited:
+            for inherited in self._inherited:
+                sock = trio.socket.from_stdlib_socket(inherited)
+                socks.append(sock)
+                self.addresses.append(ListenAddress(sock.family, sock.getsockname()))
+            return socks
         try:
             if cfg.unix_path is not None:
                 _remove_stale_socket(cfg.unix_path)
@@ -169,11 +264,28 @@ class Server:
                 log.warning("accept failed: %s", exc)
                 await trio.sleep(0.1)
                 continue
-            set_nodelay(sock)
             self._accepted += 1
             peer = _describe_peer(listener.family, addr, self._accepted)
+            address = None if listener.family == socket.AF_UNIX else str(addr[0])
+            if not _allowed(address, self._allow):
+                log.warning("%s: refused: address not in the server's allow list", peer)
+                sock.close()
+                continue
+            limit = self.config.max_connections
+            if limit is not None and self.connections >= limit:
+                log.warning("%s: refused: server is at its limit of %d connections", peer, limit)
+                sock.close()
+                continue
+            set_nodelay(sock)
             log.info("%s: connected", peer)
-            nursery.start_soon(self._connection_task, sock, peer)
+            self.connections += 1
+            nursery.start_soon(self._counted_connection_task, sock, peer)
+
+    async def _counted_connection_task(self, sock: trio.socket.SocketType, peer: str) -> None:
+        try:
+            await self._connection_task(sock, peer)
+        finally:
+            self.connections -= 1
 
     async def serve_connected(
         self,

@@ -638,3 +638,45 @@ def test_error_messages_are_clipped_on_a_character_boundary(message: str, expect
     4096 bytes"; clipping must not leave half a character behind.
     """
     assert _clip(message) == expected
+
+
+def test_lookup_may_refuse_by_policy() -> None:
+    """An export the lookup refuses with OptionError(ERR_POLICY) gets that error on GO (the
+    negotiation goes on), and a disconnect on EXPORT_NAME, which "MUST NOT" be answered with an
+    option reply."""
+    import struct
+
+    from nbd_uring.protocol import (
+        IHAVEOPT,
+        ClientFlag,
+        ExportInfo,
+        HandshakeState,
+        Opt,
+        OptionError,
+        Rep,
+        ServerHandshake,
+        transmission_flags_for,
+    )
+
+    info = ExportInfo(name="x", size=4096, flags=transmission_flags_for(read_only=False))
+
+    def refuse(name: str) -> ExportInfo | None:
+        raise OptionError(Rep.ERR_POLICY, "address 127.0.0.2 is not allowed")
+
+    flags = struct.pack(">I", int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES))
+    go = struct.pack(">IH", 1, 0)[:4] + b"x" + struct.pack(">H", 0)
+    hs = ServerHandshake(refuse, lambda: [info])
+    hs.data_to_send()
+    hs.receive_data(flags + struct.pack(">QII", IHAVEOPT, Opt.GO, len(go)) + go)
+    out = hs.data_to_send()
+    _magic, option, rep, length = struct.unpack(">QIII", out[:20])
+    assert (option, rep) == (Opt.GO, Rep.ERR_POLICY)
+    assert b"not allowed" in out[20 : 20 + length]
+    assert hs.state is HandshakeState.NEGOTIATING
+
+    hs = ServerHandshake(refuse, lambda: [info])
+    hs.data_to_send()
+    hs.receive_data(flags + struct.pack(">QII", IHAVEOPT, Opt.EXPORT_NAME, 1) + b"x")
+    assert hs.data_to_send() == b""
+    assert hs.state is HandshakeState.CLOSED
+    assert hs.close_reason is not None and "not allowed" in hs.close_reason

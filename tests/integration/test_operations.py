@@ -1,0 +1,264 @@
+"""Running the daemon for real: config file, access control, limits, captive mode, socket
+activation, pidfile, metrics, clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from ._util import REPO_ROOT, MiB, Server, StartServer, free_tcp_port, is_nbdkit, make_sparse
+from .test_malformed import (
+    OPT_GO,
+    OPT_REPLY_MAGIC,
+    RawClient,
+    expect_closed,
+    recv_exact,
+)
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(is_nbdkit(), reason="nbd-uring's own daemon options"),
+]
+
+REP_ERR_POLICY = (1 << 31) + 2
+OPT_LIST = 3
+REP_SERVER = 2
+REP_ACK = 1
+
+
+def nbd_uring(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "nbd_uring", *args],
+        capture_output=True, text=True, timeout=timeout, env=env, check=False,
+    )
+
+
+def connect_from(server: Server, source: str) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.bind((source, 0))
+    sock.connect(server.address)
+    return sock
+
+
+def raw_from(server: Server, source: str) -> RawClient:
+    client = RawClient(server)
+    client.sock.close()
+    client.sock = connect_from(server, source)
+    return client
+
+
+def go_reply(client: RawClient, name: bytes) -> tuple[int, bytes]:
+    client.greeting()
+    client.send_option(OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+    while True:
+        magic, _opt, rtype, length = struct.unpack(">QIII", recv_exact(client.sock, 20))
+        assert magic == OPT_REPLY_MAGIC
+        payload = recv_exact(client.sock, length)
+        if rtype == REP_ACK or rtype & (1 << 31):
+            return rtype, payload
+
+
+def list_exports(client: RawClient) -> list[bytes]:
+    client.greeting()
+    client.send_option(OPT_LIST, b"")
+    names = []
+    while True:
+        _magic, _opt, rtype, length = struct.unpack(">QIII", recv_exact(client.sock, 20))
+        payload = recv_exact(client.sock, length)
+        if rtype == REP_ACK:
+            return names
+        assert rtype == REP_SERVER
+        (n,) = struct.unpack(">I", payload[:4])
+        names.append(payload[4 : 4 + n])
+
+
+def test_server_allow_list_refuses_other_addresses(start_nbd_server: StartServer) -> None:
+    """Only 127.0.0.2 may connect: a client from 127.0.0.1 is closed before the greeting,
+    one from 127.0.0.2 is served, and the refusal is logged."""
+    server = start_nbd_server(tcp=True, extra_args=("--allow", "127.0.0.2/32"))
+    refused = connect_from(server, "127.0.0.1")
+    expect_closed(refused)
+    allowed = raw_from(server, "127.0.0.2").handshake()
+    allowed.write(0, b"ok" * 100)
+    assert allowed.read(0, 200) == b"ok" * 100
+    allowed.disconnect()
+    assert "address not in the server's allow list" in server.stderr_text()
+
+
+def test_max_connections(start_nbd_server: StartServer) -> None:
+    server = start_nbd_server(extra_args=("--max-connections", "2"))
+    a = RawClient(server).handshake()
+    b = RawClient(server).handshake()
+    c = RawClient(server)
+    expect_closed(c.sock)
+    a.disconnect()
+    deadline = time.monotonic() + 10
+    while True:  # the server notices a's departure asynchronously
+        d = RawClient(server)
+        try:
+            d.handshake()
+            break
+        except Exception:
+            d.close()
+            assert time.monotonic() < deadline, "slot never freed"
+            time.sleep(0.05)
+    d.disconnect()
+    b.disconnect()
+    assert "limit of 2 connections" in server.stderr_text()
+
+
+CONFIG = """\
+[server]
+unix = "{sock}"
+handshake-timeout = 5
+
+[exports.public]
+path = "{public}"
+description = "for everyone"
+
+[exports.private]
+path = "{private}"
+allow = ["127.0.0.2"]
+max-connections = 1
+"""
+
+
+class Endpoint:
+    """Where RawClient connects, for a server started outside the fixtures."""
+
+    def __init__(self, port: int) -> None:
+        self.address = ("127.0.0.1", port)
+
+    def connect_raw(self, timeout: float = 10.0) -> socket.socket:
+        return socket.create_connection(self.address, timeout=timeout)
+
+
+def test_config_file_exports_and_per_export_policy(tmp_path: Path) -> None:
+    """Two exports from a TOML file; the private one (allowed only from 127.0.0.2, one
+    connection at a time) is refused with ERR_POLICY and hidden from LIST for 127.0.0.1."""
+    public = make_sparse(tmp_path / "public.img", 4 * MiB)
+    private = make_sparse(tmp_path / "private.img", 8 * MiB)
+    port = free_tcp_port()
+    cfg = tmp_path / "nbd-uring.toml"
+    cfg.write_text(
+        CONFIG.replace('unix = "{sock}"\n', f'bind = "127.0.0.1"\nport = {port}\n').format(
+            public=public, private=private
+        )
+    )
+    assert nbd_uring("check-config", str(cfg)).stdout.startswith(f"{cfg}: OK (2 export(s)")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nbd_uring", "serve", "--config", str(cfg), "--print-uri", "-v"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith(b"nbd://127.0.0.1:")
+        server: Server = Endpoint(port)  # type: ignore[assignment]
+        rtype, payload = go_reply(RawClient(server), b"private")
+        assert rtype == REP_ERR_POLICY and b"not available to 127.0.0.1" in payload
+        assert list_exports(RawClient(server)) == [b"public"]
+        assert list_exports(raw_from(server, "127.0.0.2")) == [b"public", b"private"]
+        first = raw_from(server, "127.0.0.2").handshake(b"private")
+        assert first.size == 8 * MiB
+        rtype, payload = go_reply(raw_from(server, "127.0.0.2"), b"private")
+        assert rtype == REP_ERR_POLICY and b"limit of 1 connections" in payload
+        pub = RawClient(server).handshake(b"public")
+        assert pub.size == 4 * MiB
+        pub.disconnect()
+        first.disconnect()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+
+
+def test_check_config_points_at_the_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[server]\nport = 10809\n\n[exports.a]\npath = "/x"\nsize = "huge"\n')
+    result = nbd_uring("check-config", str(cfg))
+    assert result.returncode == 1
+    assert f"{cfg}:6: size: expected a size" in result.stderr
+
+
+def test_run_captive_mode(tmp_path: Path) -> None:
+    """--run starts the command with $uri once the server listens, and exits with its
+    status (nbdkit's captive mode)."""
+    disk = make_sparse(tmp_path / "d.img", 3 * MiB)
+    sock = tmp_path / "s.sock"
+    ok = nbd_uring("serve", str(disk), "--unix", str(sock), "--run",
+                   'nbdinfo --size "$uri" && test -S "$unixsocket"')
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == str(3 * MiB)
+    failed = nbd_uring("serve", str(disk), "--unix", str(sock), "--run", "exit 7")
+    assert failed.returncode == 7
+    assert not sock.exists()
+
+
+def test_pidfile_written_when_ready_and_removed(tmp_path: Path) -> None:
+    disk = make_sparse(tmp_path / "d.img", MiB)
+    pidfile = tmp_path / "nbd.pid"
+    sock = tmp_path / "s.sock"
+    result = nbd_uring("serve", str(disk), "--unix", str(sock), "--pidfile", str(pidfile),
+                       "--run", f'cat {pidfile}')
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.strip()) > 1
+    assert not pidfile.exists()
+
+
+def test_socket_activation_with_libnbd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """libnbd starts the server itself with LISTEN_PID/LISTEN_FDS (systemd's protocol)."""
+    nbd = pytest.importorskip("nbd")
+    disk = make_sparse(tmp_path / "d.img", 5 * MiB)
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+    h = nbd.NBD()
+    h.connect_systemd_socket_activation([sys.executable, "-m", "nbd_uring", "serve", str(disk)])
+    assert h.get_size() == 5 * MiB
+    h.pwrite(b"socket-activated", 4096)
+    assert h.pread(16, 4096) == b"socket-activated"
+    h.shutdown()
+    del h  # libnbd reaps the server it started
+
+
+def test_systemd_socket_activate_and_sd_notify(tmp_path: Path) -> None:
+    """systemd-socket-activate passes a listening socket; the server serves it."""
+    if not Path("/usr/bin/systemd-socket-activate").exists():
+        pytest.skip("systemd-socket-activate is not installed")
+    disk = make_sparse(tmp_path / "d.img", 2 * MiB)
+    sock = tmp_path / "act.sock"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "-l", str(sock), sys.executable, "-m", "nbd_uring",
+         "serve", str(disk), "-v"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        out = subprocess.run(["nbdinfo", "--size", f"nbd+unix:///?socket={sock}"],
+                             capture_output=True, text=True, timeout=60, check=True)
+        assert out.stdout.strip() == str(2 * MiB)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def test_metrics_endpoint(start_nbd_server: StartServer) -> None:
+    port = free_tcp_port()
+    server = start_nbd_server(extra_args=("--metrics", f"127.0.0.1:{port}"))
+    client = RawClient(server).handshake()
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'nbd_uring_connections{export=""} 1.0' in text
+    client.disconnect()
+
