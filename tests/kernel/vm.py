@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +42,7 @@ KERNEL_META_PACKAGE = "linux-image-amd64"
 BOOT_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
 CACHE_FORMAT = "4"  # bump when the layout or /init changes
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+NO_STATUS = -1  # GuestRun.status of a guest that ended without the job's status file
 
 # The guest's /init (busybox sh). Kernel command line words nbdu_*=... arrive as variables.
 INIT_SCRIPT = r"""#!/bin/busybox sh
@@ -339,11 +340,18 @@ def run(
     memory_mb: int = 1536,
     cpus: int = 2,
     out: Path | None = None,
+    drives: Sequence[Path] = (),
+    allow_no_status: bool = False,
 ) -> GuestRun:
     """Boot the guest, run ``job`` (a /bin/sh script) as root in it, and return what happened.
 
     The job runs in the output folder (``out``, a new temporary folder by default), shared
     read-write with the host, so it can leave files there for the caller.
+
+    ``drives`` are host files attached in order as raw virtio disks (``/dev/vda``, ``/dev/vdb``,
+    ...) with ``cache=none``: what the guest has written to them when qemu exits is in the file.
+    ``allow_no_status`` accepts a guest that ends without the job's status file (a job that
+    resets the guest on purpose); the run's ``status`` is then ``NO_STATUS``.
     """
     image = image or prepare()
     if out is None:
@@ -383,6 +391,8 @@ def run(
         "-fsdev", f"local,id=out,path={out},security_model=none",
         "-device", "virtio-9p-pci,fsdev=out,mount_tag=out",
     ]
+    for drive in drives:
+        cmd += ["-drive", f"file={drive},format=raw,if=virtio,cache=none"]
     start = time.monotonic()
     try:
         proc = subprocess.run(
@@ -397,6 +407,14 @@ def run(
         ) from None
     seconds = time.monotonic() - start
     status_file = out / "status"
+    if not status_file.exists() and allow_no_status:
+        return GuestRun(
+            status=NO_STATUS,
+            log=_tail(out / "log", chars=1 << 30),
+            console=_tail(console, chars=1 << 30),
+            seconds=seconds,
+            out=out,
+        )
     if not status_file.exists():
         raise VmError(
             f"the guest ended (qemu status {proc.returncode}: {proc.stderr.strip()}) without "
