@@ -362,6 +362,7 @@ class ServerHandshake:
         self._fixed_newstyle = False
         self._no_zeroes = False
         self._options_seen = 0
+        self._shutting_down = False
         self._option = 0
         self._last_info: tuple[bytes, ExportInfo] | None = None
         self._export: ExportInfo | None = None
@@ -422,6 +423,11 @@ class ServerHandshake:
     def buffered(self) -> int:
         """Bytes held for the piece of input being assembled (bounded by the option limit)."""
         return len(self._buffer)
+
+    def begin_shutdown(self) -> None:
+        """The server is going away: from now on every option but ABORT gets
+        ``NBD_REP_ERR_SHUTDOWN`` (the spec's SHOULD), and EXPORT_NAME a disconnect."""
+        self._shutting_down = True
 
     def data_to_send(self) -> bytes:
         """Return and forget everything queued for the client."""
@@ -522,6 +528,11 @@ class ServerHandshake:
                     Rep.ERR_INVALID,
                     f"{_option_name(option)} takes no data, got {len(data)} bytes",
                 )
+            if self._shutting_down and option != Opt.ABORT:
+                if option == Opt.EXPORT_NAME:
+                    self._close("server is shutting down (NBD_OPT_EXPORT_NAME gets a disconnect)")
+                    return
+                raise OptionError(Rep.ERR_SHUTDOWN, "server is shutting down")
             if option == Opt.GO and previous_info is not None and previous_info[0] == data:
                 self._finish_info(option, data, _parse_info_request(option, data), previous_info[1])
             else:

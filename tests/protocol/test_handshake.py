@@ -680,3 +680,41 @@ def test_lookup_may_refuse_by_policy() -> None:
     assert hs.data_to_send() == b""
     assert hs.state is HandshakeState.CLOSED
     assert hs.close_reason is not None and "not allowed" in hs.close_reason
+
+
+def test_shutdown_answers_err_shutdown() -> None:
+    """"When the server is shutting down, it SHOULD answer options (except ABORT) with
+    NBD_REP_ERR_SHUTDOWN"; EXPORT_NAME, which cannot carry an error, gets a disconnect."""
+    import struct
+
+    from nbd_uring.protocol import (
+        IHAVEOPT,
+        ClientFlag,
+        ExportInfo,
+        HandshakeState,
+        Opt,
+        Rep,
+        ServerHandshake,
+        transmission_flags_for,
+    )
+
+    info = ExportInfo(name="", size=4096, flags=transmission_flags_for(read_only=False))
+    flags = struct.pack(">I", int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES))
+    hs = ServerHandshake(lambda name: info, lambda: [info])
+    hs.data_to_send()
+    hs.receive_data(flags)
+    hs.begin_shutdown()
+    hs.receive_data(struct.pack(">QII", IHAVEOPT, Opt.LIST, 0))
+    out = hs.data_to_send()
+    assert struct.unpack(">QIII", out[:20])[1:3] == (Opt.LIST, Rep.ERR_SHUTDOWN)
+    hs.receive_data(struct.pack(">QII", IHAVEOPT, Opt.ABORT, 0))
+    assert struct.unpack(">QIII", hs.data_to_send()[:20])[1:3] == (Opt.ABORT, Rep.ACK)
+    assert hs.state is HandshakeState.CLOSED
+
+    hs = ServerHandshake(lambda name: info, lambda: [info])
+    hs.data_to_send()
+    hs.receive_data(flags)
+    hs.begin_shutdown()
+    hs.receive_data(struct.pack(">QII", IHAVEOPT, Opt.EXPORT_NAME, 0))
+    assert hs.data_to_send() == b""
+    assert hs.state is HandshakeState.CLOSED
