@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--pidfile", metavar="PATH", help="write the process id there once ready")
     serve.add_argument(
+        "--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+        help="on SIGTERM/SIGINT, how long connections may finish their requests (default 30)",
+    )
+    serve.add_argument(
         "--run", metavar="CMD",
         help="captive mode: once listening, run CMD in a shell with $uri (and $unixsocket) set, "
         "then shut down and exit with its status",
@@ -215,7 +219,14 @@ async def _run(
                     async for signum in signals:
                         log.info("%s received, shutting down", signal.Signals(signum).name)
                         break
-            notify("STOPPING=1")
+                notify("STOPPING=1")
+                server.begin_shutdown()
+                with trio.move_on_after(args.shutdown_timeout) as drain:
+                    await server.drained()
+                if drain.cancelled_caught:
+                    log.warning(
+                        "clients still connected after %.0f s: closing them", args.shutdown_timeout
+                    )
             nursery.cancel_scope.cancel()
     finally:
         server.close()

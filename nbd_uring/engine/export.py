@@ -91,12 +91,15 @@ class Export:
         self._punch_ok = not read_only
         self._zero_range_ok = not read_only
         self._tracker = OverlapTracker()
+        self._plain = ordering is Ordering.STRICT and faults is None
+        """Reads and writes may take the fast path: strict ordering, no fault injection."""
         self._epochs = FlushEpochs()
         self._sync_waiters: list[Completion] | None = None
         self._next_sync_waiters: list[Completion] = []
         self.syncs_issued = 0
         self.writeback_bytes = 0
         self.deferred_errors: list[tuple[int, int, int]] = []
+        self.deferred_errors_total = 0
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -107,6 +110,20 @@ class Export:
 
     def read(self, offset: int, buf: memoryview, done: Completion) -> None:
         """Fill ``buf`` from ``offset``; ``buf`` stays the caller's."""
+        if self._plain:
+            # What _ordered and _faulted do, with one closure instead of four.
+            tracker = self._tracker
+            entry = tracker.admit(offset, len(buf), False, None)
+
+            def finished(err: int) -> None:
+                tracker.release(entry)
+                done(err)
+
+            if entry.blockers:
+                entry.defer(lambda: self.ring.read(self.fd, buf, offset, finished))
+            else:
+                self.ring.read(self.fd, buf, offset, finished)
+            return
         self._ordered(
             "read", offset, len(buf), False, lambda fin: self.ring.read(self.fd, buf, offset, fin),
             done,
@@ -118,6 +135,25 @@ class Export:
         fua = fua or self.durability is Durability.SYNC
         length = buf.length
         epoch = self._epochs.write_started()
+        if self._plain and not fua and self.durability is Durability.FLUSH:
+            # What _ordered, _faulted and the closures below do, with one closure.
+            tracker = self._tracker
+            entry = tracker.admit(offset, length, True, None)
+            epochs = self._epochs
+
+            def finished(err: int) -> None:
+                tracker.release(entry)
+                buf.release()
+                epochs.write_finished(epoch)
+                done(err)
+
+            if entry.blockers:
+                entry.defer(
+                    lambda: self.ring.write(self.fd, buf.view, offset, finished, inline=True)
+                )
+            else:
+                self.ring.write(self.fd, buf.view, offset, finished, inline=True)
+            return
         early = (
             self.durability is Durability.WRITEBACK
             and not fua
@@ -142,7 +178,7 @@ class Export:
             if fua and self.fua_dsync:
                 self.ring.write(self.fd, buf.view, offset, fin, dsync=True)
             else:
-                self.ring.write(self.fd, buf.view, offset, fin, fua=fua)
+                self.ring.write(self.fd, buf.view, offset, fin, fua=fua, inline=True)
 
         self._ordered("write", offset, length, True, io, written)
 
@@ -318,6 +354,7 @@ class Export:
             os.strerror(err),
         )
         self.deferred_errors.append((offset, length, err))
+        self.deferred_errors_total += 1
 
     def _zero_io(
         self,

@@ -24,17 +24,25 @@ class Admission:
 
     __slots__ = ("_run", "blockers", "dependents", "end", "exclusive", "start")
 
-    def __init__(self, start: int, end: int, exclusive: bool, run: Callable[[], None]) -> None:
+    def __init__(
+        self, start: int, end: int, exclusive: bool, run: Callable[[], None] | None
+    ) -> None:
         self.start = start
         self.end = end
         self.exclusive = exclusive
         self._run: Callable[[], None] | None = run
         self.blockers = 0
-        self.dependents: list[Admission] = []
+        self.dependents: list[Admission] | tuple[()] = ()
+        """Requests waiting for this one; an empty tuple (no list allocated) while none."""
 
     @property
     def started(self) -> bool:
         return self._run is None
+
+    def defer(self, run: Callable[[], None]) -> None:
+        """Set what :meth:`begin` runs, for an entry admitted with ``run=None`` that turned out
+        to be blocked (the caller starts an unblocked one itself, with no closure)."""
+        self._run = run
 
     def begin(self) -> None:
         run, self._run = self._run, None
@@ -55,13 +63,28 @@ class OverlapTracker:
         self.active = 0
 
     def admit(
-        self, start: int, length: int, exclusive: bool, run: Callable[[], None]
+        self, start: int, length: int, exclusive: bool, run: Callable[[], None] | None
     ) -> Admission:
         """Admit a request for ``[start, start+length)``, behind every conflicting one."""
-        end = start + max(length, 1)
+        end = start + (length if length > 0 else 1)
         entry = Admission(start, end, exclusive, run)
-        seen: set[Admission] = set()
         first, last = start >> GRANULE_SHIFT, (end - 1) >> GRANULE_SHIFT
+        if first == last:
+            # The common case: one granule, whose list holds each entry once (no dedup needed).
+            lst = self._granules.get(first)
+            if lst is None:
+                self._granules[first] = [entry]
+            else:
+                for other in lst:
+                    if (exclusive or other.exclusive) and other.start < end and start < other.end:
+                        _depend(entry, other)
+                lst.append(entry)
+            for other in self._large:
+                if (exclusive or other.exclusive) and other.start < end and start < other.end:
+                    _depend(entry, other)
+            self.active += 1
+            return entry
+        seen: set[Admission] = set()
         large = last - first >= MAX_GRANULES
         if large:
             candidates: list[Admission] = [e for lst in self._granules.values() for e in lst]
@@ -76,8 +99,7 @@ class OverlapTracker:
             if (exclusive or other.exclusive) and other.start < end and start < other.end:
                 if other not in seen:
                     seen.add(other)
-                    other.dependents.append(entry)
-                    entry.blockers += 1
+                    _depend(entry, other)
         if large:
             self._large.append(entry)
         else:
@@ -103,4 +125,14 @@ class OverlapTracker:
             dependent.blockers -= 1
             if dependent.blockers == 0:
                 dependent.begin()
-        entry.dependents = []
+        entry.dependents = ()
+
+
+def _depend(entry: Admission, other: Admission) -> None:
+    """``entry`` waits for ``other``."""
+    deps = other.dependents
+    if deps:
+        deps.append(entry)
+    else:
+        other.dependents = [entry]
+    entry.blockers += 1

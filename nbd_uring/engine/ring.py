@@ -34,6 +34,10 @@ FALLOC_FL_ZERO_RANGE: Final[int] = lib.FALLOC_FL_ZERO_RANGE
 _READ, _WRITE, _FSYNC, _FALLOCATE, _FADVISE, _TIMEOUT = range(6)
 _REAP_BATCH = 256
 _MAX_RW = 1 << 30
+INLINE_WRITE_MAX: Final[int] = 64 * 1024
+"""Largest write :meth:`Ring.write` may do with ``pwrite`` on the spot (``inline=True``)."""
+_INLINE_STALL_NS = 10_000_000
+_INLINE_PAUSE_NS = 1_000_000_000
 
 
 class RingError(OSError):
@@ -107,6 +111,10 @@ class Ring:
         self._ring: Any = ring
         self.eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
+            # Not IORING_REGISTER_EVENTFD_ASYNC: that signals only for io-wq completions, and a
+            # completion run as task work on this thread would then never wake the reaper.
+            # Nor IORING_SETUP_COOP_TASKRUN: its task work does not wake a thread asleep in
+            # epoll_wait, so the eventfd would not fire until something else woke it.
             _check(lib.nbdu_register_eventfd(ring, self.eventfd, 0), "io_uring_register_eventfd")
         except BaseException:
             os.close(self.eventfd)
@@ -122,6 +130,9 @@ class Ring:
         self._unsubmitted = 0
         self._submitting = False
         self._next_id = 1
+        self._done_now: list[tuple[Completion, int]] = []
+        self._inline_paused_until = 0
+        self.inline_writes = 0
         self._ud = ffi.new("uint64_t[]", _REAP_BATCH)
         self._res = ffi.new("int32_t[]", _REAP_BATCH)
         self.closed = False
@@ -141,13 +152,47 @@ class Ring:
         *,
         fua: bool = False,
         dsync: bool = False,
+        inline: bool = False,
     ) -> None:
         """Write ``buf`` at ``offset``; ``fua`` links an fdatasync in the same submission,
-        ``dsync`` uses RWF_DSYNC on the write itself instead."""
-        op = _Op(_WRITE, fd, offset, memoryview(buf).nbytes, callback, buf)
+        ``dsync`` uses RWF_DSYNC on the write itself instead.
+
+        ``inline``: a small plain write may be done at once with ``pwrite`` (for a buffered
+        write to a file system that cannot write without blocking, ext4 among them, io_uring
+        would hand it to an io-wq thread, serialised per file: a thread hop and a wake-up per
+        write for a copy into the page cache). The callback still runs only at the next
+        :meth:`submit` or :meth:`reap`, like any completion. A write that took long (dirty
+        throttling, a journal commit) sends the following ones through the ring for a while,
+        so a slow file system cannot keep stalling the event loop."""
+        nbytes = memoryview(buf).nbytes
+        if inline and not fua and not dsync and nbytes <= INLINE_WRITE_MAX:
+            now = time.monotonic_ns()
+            if now >= self._inline_paused_until:
+                self._write_now(fd, buf, offset, nbytes, callback)
+                if time.monotonic_ns() - now > _INLINE_STALL_NS:
+                    self._inline_paused_until = now + _INLINE_PAUSE_NS
+                return
+        op = _Op(_WRITE, fd, offset, nbytes, callback, buf)
         op.fua = fua
         op.rw_flags = lib.RWF_DSYNC if dsync else 0
         self._start(op)
+
+    def _write_now(self, fd: int, buf: Any, offset: int, nbytes: int, callback: Completion) -> None:
+        if self.closed:
+            raise RingError(errno.ESHUTDOWN, "ring is closed")
+        err = 0
+        done = 0
+        try:
+            while done < nbytes:
+                n = os.pwrite(fd, buf[done:] if done else buf, offset + done)
+                if n <= 0:
+                    err = errno.EIO
+                    break
+                done += n
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+        self.inline_writes += 1
+        self._done_now.append((callback, err))
 
     def fdatasync(self, fd: int, callback: Completion) -> None:
         self._start(_Op(_FSYNC, fd, 0, 0, callback))
@@ -183,6 +228,9 @@ class Ring:
                 if self._unsubmitted:
                     self._unsubmitted = 0
                     _check(lib.nbdu_submit(self._ring), "io_uring_submit")
+                if self._done_now:
+                    total += self._run_done_now()
+                    continue
                 if not lib.nbdu_cq_ready(self._ring):
                     if self._unsubmitted:
                         continue
@@ -195,7 +243,7 @@ class Ring:
     @property
     def in_flight(self) -> int:
         """Operations submitted or waiting for ring space, not yet completed."""
-        return len(self._in_flight) + len(self._backlog)
+        return len(self._in_flight) + len(self._backlog) + len(self._done_now)
 
     def _sqes_needed(self, op: _Op) -> int:
         return 2 if op.kind == _WRITE and op.fua else 1
@@ -256,6 +304,16 @@ class Ring:
         Call it when the eventfd is readable."""
         self._clear_eventfd()
         return self._drain() + self.submit()
+
+    def _run_done_now(self) -> int:
+        """Run the callbacks of writes done inline (they may start more of them)."""
+        done, self._done_now = self._done_now, []
+        for callback, err in done:
+            try:
+                callback(err)
+            except Exception:
+                log.exception("completion callback failed")
+        return len(done)
 
     def _clear_eventfd(self) -> None:
         try:

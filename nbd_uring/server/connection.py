@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import socket
+import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,9 @@ import trio
 from nbd_uring.engine.buffers import Buffer
 from nbd_uring.protocol import (
     EXTENDED_REQUEST_SIZE,
+    NBD_REQUEST_MAGIC,
+    NBD_SIMPLE_REPLY_MAGIC,
+    NBD_STRUCTURED_REPLY_MAGIC,
     REQUEST_SIZE,
     AllocationState,
     ChunkEncoder,
@@ -29,9 +33,12 @@ from nbd_uring.protocol import (
     HandshakeState,
     NbdErrno,
     ProtocolViolation,
+    ReplyFlag,
+    ReplyType,
     Request,
     RequestError,
     ServerHandshake,
+    TransmissionFlag,
     check_request,
     decode_extended_request,
     decode_request,
@@ -51,6 +58,8 @@ HANDSHAKE_RECV = 64 * 1024
 # Past this a WRITE's payload is not worth draining: the peer is broken or hostile.
 MAX_DISCARD = 256 * 1024 * 1024
 IOV_MAX = 1024
+# Receives in a row that found data at once before the reader yields to Trio's scheduler.
+EAGER_RECVS = 8
 # Runs of one structured READ reply; past this the rest of the range is sent as one data chunk.
 MAX_READ_RUNS = 4096
 # Descriptors per BLOCK_STATUS reply (the spec's SHOULD is 2^20; fewer bounds the lseek calls
@@ -59,6 +68,19 @@ MAX_STATUS_EXTENTS = 16384
 _HOLE_STATUS = int(AllocationState.HOLE | AllocationState.ZERO)
 _DF = int(CmdFlag.DF)
 _REQ_ONE = int(CmdFlag.REQ_ONE)
+# A READ shorter than this is answered with one OFFSET_DATA chunk without asking the file
+# system where its holes are (two lseek calls): zeroes sent as data are still correct.
+READ_HOLE_MIN = 64 * 1024
+_READ = int(Cmd.READ)
+_WRITE = int(Cmd.WRITE)
+_READ_ONLY = int(TransmissionFlag.READ_ONLY)
+# The fast path's codecs: a compact request header, a simple reply, and a structured
+# OFFSET_DATA chunk with DONE (header and offset), each one struct call.
+_REQUEST = struct.Struct(">IHHQQI")
+_SIMPLE_REPLY = struct.Struct(">IIQ")
+_DATA_CHUNK = struct.Struct(">IHHQIQ")
+_DONE = int(ReplyFlag.DONE)
+_OFFSET_DATA = int(ReplyType.OFFSET_DATA)
 
 _Head = bytes | list[bytes | memoryview]
 """A reply as queued: simple reply or chunk bytes, or a list of chunk headers and data views."""
@@ -78,28 +100,41 @@ class _Budget:
         self.max_requests = max_requests
         self.bytes = 0
         self.requests = 0
-        self._changed = trio.Event()
+        self._changed: trio.Event | None = None
+        """Set on the next release; made only when someone waits."""
 
     def would_block(self, nbytes: int) -> bool:
         return self.requests >= self.max_requests or (
             self.bytes > 0 and self.bytes + nbytes > self.max_bytes
         )
 
+    def take(self, nbytes: int) -> None:
+        """Acquire without waiting; only after :meth:`would_block` said False."""
+        self.bytes += nbytes
+        self.requests += 1
+
+    async def _wait(self) -> None:
+        if self._changed is None:
+            self._changed = trio.Event()
+        await self._changed.wait()
+
     async def acquire(self, nbytes: int) -> None:
         while self.would_block(nbytes):
-            await self._changed.wait()
+            await self._wait()
         self.bytes += nbytes
         self.requests += 1
 
     def release(self, nbytes: int) -> None:
         self.bytes -= nbytes
         self.requests -= 1
-        self._changed.set()
-        self._changed = trio.Event()
+        changed = self._changed
+        if changed is not None:
+            self._changed = None
+            changed.set()
 
     async def drained(self) -> None:
         while self.requests:
-            await self._changed.wait()
+            await self._wait()
 
 
 class Connection:
@@ -111,6 +146,16 @@ class Connection:
         self.closed = False
         self._replies: list[tuple[_Head, Buffer | None, int]] = []
         self._have_replies = trio.Event()
+        self._unsent: list[bytes | memoryview] = []
+        """Reply bytes taken from ``_replies`` that the socket has not accepted yet."""
+        self._sending: list[tuple[Buffer | None, int]] = []
+        """Buffers and budget of the replies in ``_unsent``, released once it is empty."""
+        self._quiet = False
+        """The reader is between a receive and its flush: queued replies need no wake-up of
+        the writer, the reader sends them itself before it next waits."""
+        self._raw: socket.socket | None = None
+        """The connection's socket as a plain non-blocking socket, for sends and receives
+        that need no Trio checkpoint when they succeed at once."""
         self._budget = _Budget(server.config.max_bytes_in_flight, server.config.max_in_flight)
         self._leftover = b""
         self.info: ExportInfo | None = None
@@ -128,6 +173,7 @@ class Connection:
         try:
             if export is not None:
                 self.export, self.info = export, export.info
+                self.server.export_chosen(export)
                 await self._transmit()
             elif await self._negotiate():
                 await self._transmit()
@@ -139,6 +185,8 @@ class Connection:
             self.closed = True
             self._drop_pending_replies()
             self.sock.close()
+            if self.export is not None:
+                self.server.export_released(self.export)
             log.info("%s: connection closed", self.peer)
 
     async def _recv(self, nbytes: int) -> bytes:
@@ -161,7 +209,13 @@ class Connection:
 
     async def _negotiate(self) -> bool:
         server = self.server
-        hs = ServerHandshake(server.lookup_info, server.list_infos)
+        try:
+            address: str | None = str(self.sock.getpeername()[0])
+        except (OSError, IndexError, TypeError):
+            address = None
+        if self.sock.family == socket.AF_UNIX:
+            address = None
+        hs = ServerHandshake(*server.policy_for(address))
         with trio.move_on_after(server.config.handshake_timeout_s) as scope:
             while True:
                 out = hs.data_to_send()
@@ -175,6 +229,8 @@ class Connection:
                 data = await self._recv(HANDSHAKE_RECV)
                 if not data:
                     raise ClientGone("during negotiation")
+                if server.draining:
+                    hs.begin_shutdown()
                 hs.receive_data(data)
         if scope.cancelled_caught:
             log.warning(
@@ -185,6 +241,7 @@ class Connection:
             return False
         assert hs.export is not None
         self.export = server.exports_by_name[hs.export.name]
+        server.export_chosen(self.export)
         self.info = hs.export
         self._extended = hs.extended_headers
         if hs.extended_headers or hs.structured_replies:
@@ -197,9 +254,18 @@ class Connection:
     # -- transmission -------------------------------------------------------------------
 
     async def _transmit(self) -> None:
+        # Same descriptor, no dup: detached below so that only self.sock ever closes it.
+        self._raw = socket.socket(fileno=self.sock.fileno())
+        try:
+            await self._transmit_phase()
+        finally:
+            self._raw.detach()
+
+    async def _transmit_phase(self) -> None:
         failure: ProtocolViolation | ClientGone | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._writer_task, nursery.cancel_scope)
+            nursery.start_soon(self._shutdown_task, nursery.cancel_scope)
             try:
                 await self._reader_task()
                 # NBD_CMD_DISC or end of stream: finish everything outstanding, then close.
@@ -209,6 +275,14 @@ class Connection:
             nursery.cancel_scope.cancel()
         if failure is not None:
             raise failure
+
+    async def _shutdown_task(self, scope: trio.CancelScope) -> None:
+        """On server shutdown: new requests get ESHUTDOWN (the reader sees ``draining``);
+        once every request received so far is answered, the connection closes."""
+        await self.server.drain_started.wait()
+        await self._budget.drained()
+        log.info("%s: closing: the server is shutting down", self.peer)
+        scope.cancel()
 
     async def _reader_task(self) -> None:
         assert self.export is not None
@@ -220,18 +294,72 @@ class Connection:
         hsize = EXTENDED_REQUEST_SIZE if extended else REQUEST_SIZE
         decode = decode_extended_request if extended else decode_request
         payload_of = extended_payload_length if extended else payload_length
+        budget = self._budget
+        server = self.server
+        pool = server.pool
+        # Fast path: compact headers, READ or WRITE without flags, in bounds and aligned; it
+        # accepts exactly what check_request would, anything else takes the general path.
+        fast = not extended
+        unpack_from = _REQUEST.unpack_from
+        size = info.size
+        max_block = info.max_block
+        align = info.min_block - 1
+        writable = not int(info.flags) & _READ_ONLY
+        raw = self._raw
+        assert raw is not None
+        eager = 0
         buf = bytearray(RECV_SIZE)
         mv = memoryview(buf)
         end = len(self._leftover)
         buf[:end] = self._leftover
         pos = 0
+        self._quiet = True
         while True:
             while end - pos >= hsize:
+                if fast:
+                    magic, flags, command, cookie, offset, length = unpack_from(buf, pos)
+                    if (
+                        magic == NBD_REQUEST_MAGIC
+                        and not flags
+                        and not server.draining
+                        and 0 < length <= max_block
+                        and offset + length <= size
+                        and not (offset | length) & align
+                    ):
+                        if command == _READ:
+                            pos += hsize
+                            if budget.would_block(length):
+                                ring.submit()
+                                self._unquiet()
+                                await budget.acquire(length)
+                                self._quiet = True
+                            else:
+                                budget.take(length)
+                            self._fast_read(cookie, offset, length)
+                            continue
+                        if command == _WRITE and writable:
+                            pos += hsize
+                            have = min(end - pos, length)
+                            if have < length or budget.would_block(length):
+                                ring.submit()  # about to wait: prepared SQEs go now
+                                self._unquiet()
+                                await budget.acquire(length)
+                            else:
+                                budget.take(length)
+                            lease = pool.acquire(length)
+                            lease.view[:have] = mv[pos : pos + have]
+                            pos += have
+                            if have < length:
+                                await self._recv_exactly(lease.view[have:])
+                            self._quiet = True
+                            self._fast_write(cookie, offset, lease)
+                            continue
                 request = decode(mv[pos : pos + hsize])
                 pos += hsize
                 if request.command == Cmd.DISC:
                     log.info("%s: client sent NBD_CMD_DISC", self.peer)
                     ring.submit()
+                    self._unquiet()
                     return
                 plen = payload_of(request)
                 if extended and plen > info.max_block:
@@ -241,13 +369,16 @@ class Connection:
                         f"payload of {plen} bytes is over the maximum payload {info.max_block}"
                     )
                 try:
+                    if server.draining:
+                        raise RequestError(NbdErrno.ESHUTDOWN, "the server is shutting down")
                     check_request(request, info, extended=extended, meta_contexts=meta_contexts)
                 except RequestError as exc:
                     log.info("%s: refused: %s", self.peer, exc.message)
+                    ring.submit()
+                    self._unquiet()
                     pos, end = await self._discard(mv, pos, end, plen)
-                    if self._budget.would_block(0):
-                        ring.submit()
                     await self._budget.acquire(0)
+                    self._quiet = True
                     self._reply(
                         request.cookie,
                         0,
@@ -259,30 +390,48 @@ class Connection:
                     )
                     continue
                 if plen:
-                    ring.submit()
+                    have = min(end - pos, plen)
+                    if have < plen or self._budget.would_block(plen):
+                        ring.submit()  # about to wait: what is prepared goes to the kernel now
+                        self._unquiet()
                     await self._budget.acquire(plen)
                     lease = self.server.pool.acquire(plen)
-                    have = min(end - pos, plen)
                     lease.view[:have] = mv[pos : pos + have]
                     pos += have
                     if have < plen:
                         await self._recv_exactly(lease.view[have:])
+                    self._quiet = True
                     self._submit_write(request, lease)
                 else:
                     nbytes = request.length if request.command == Cmd.READ else 0
                     if self._budget.would_block(nbytes):
                         ring.submit()
+                        self._unquiet()
                     await self._budget.acquire(nbytes)
+                    self._quiet = True
                     self._submit(request, nbytes)
             ring.submit()
+            self._unquiet()  # replies that completed inline go out in one sendmsg, from here
             if pos:
                 buf[: end - pos] = mv[pos:end]
                 end -= pos
                 pos = 0
-            try:
-                n = await self.sock.recv_into(mv[end:])
-            except _PEER_GONE as exc:
-                raise ClientGone(str(exc)) from None
+            # A receive that succeeds at once costs no trip through Trio's scheduler; every
+            # few of those the reader yields anyway, so a client that never lets the socket
+            # run dry cannot starve the other tasks.
+            while True:
+                try:
+                    n = raw.recv_into(mv[end:])
+                    break
+                except BlockingIOError:
+                    eager = 0
+                    await trio.lowlevel.wait_readable(raw)
+                except _PEER_GONE as exc:
+                    raise ClientGone(str(exc)) from None
+            eager += 1
+            if eager >= EAGER_RECVS:
+                eager = 0
+                await trio.lowlevel.checkpoint()
             if n == 0:
                 if end:
                     raise ProtocolViolation(
@@ -291,6 +440,7 @@ class Connection:
                 log.info("%s: client closed the connection without NBD_CMD_DISC", self.peer)
                 return
             end += n
+            self._quiet = True
 
     async def _recv_exactly(self, view: memoryview) -> None:
         while view:
@@ -325,6 +475,51 @@ class Connection:
 
     # -- submission ---------------------------------------------------------------------
 
+    def _fast_read(self, cookie: int, offset: int, length: int) -> None:
+        """A READ the fast path accepted (compact headers, no flags, length > 0)."""
+        assert self.export is not None
+        lease = self.server.pool.acquire(length)
+        structured = self._chunks is not None
+
+        def read_done(err: int) -> None:
+            if err or self.closed or (structured and length >= READ_HOLE_MIN):
+                request = Request(cookie, _READ, 0, offset, length)
+                if structured:
+                    self._structured_read_done(request, err, lease, length)
+                else:
+                    self._reply(cookie, err, lease, length, request=request)
+                return
+            if structured:
+                head = _DATA_CHUNK.pack(
+                    NBD_STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, 8 + length, offset
+                )
+            else:
+                head = _SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, cookie)
+            self._replies.append((head, lease, length))
+            if not self._quiet:
+                self._have_replies.set()
+
+        self.export.backend.read(offset, lease.view, read_done)
+
+    def _fast_write(self, cookie: int, offset: int, lease: Buffer) -> None:
+        """A WRITE the fast path accepted (compact headers, no flags)."""
+        assert self.export is not None
+        length = lease.length
+
+        def write_done(err: int) -> None:
+            if err or self.closed:
+                request = Request(cookie, _WRITE, 0, offset, length)
+                self._reply(cookie, err, None, length, request=request)
+                return
+            # Compact headers: a simple reply, which structured replies allow for a success
+            # without payload.
+            head = _SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, cookie)
+            self._replies.append((head, None, length))
+            if not self._quiet:
+                self._have_replies.set()
+
+        self.export.backend.write(offset, lease, write_done)
+
     def _submit_write(self, request: Request, lease: Buffer) -> None:
         assert self.export is not None
         nbytes = lease.length
@@ -338,7 +533,6 @@ class Connection:
         backend = self.export.backend
         cookie = request.cookie
         command = request.command
-        done = self._completion(request, nbytes)
         if command == Cmd.READ:
             lease = self.server.pool.acquire(request.length)
             if self._chunks is None:
@@ -352,7 +546,9 @@ class Connection:
                     self._structured_read_done(request, err, lease, nbytes)
 
             backend.read(request.offset, lease.view, read_done)
-        elif command == Cmd.FLUSH:
+            return
+        done = self._completion(request, nbytes)
+        if command == Cmd.FLUSH:
             backend.flush(done)
         elif command == Cmd.TRIM:
             backend.trim(request.offset, request.length, done, fua=request.fua)
@@ -396,12 +592,15 @@ class Connection:
         if length == 0:
             self._queue(chunks.none(cookie, start), lease, nbytes)
             return
-        runs = self.export.backend.extents(start, length, MAX_READ_RUNS)
-        covered = sum(n for n, _ in runs)
-        if covered < length:
-            runs.append((length - covered, False))
-        if request.flags & _DF and len(runs) > 1:
+        if length < READ_HOLE_MIN:
             runs = [(length, False)]
+        else:
+            runs = self.export.backend.extents(start, length, MAX_READ_RUNS)
+            covered = sum(n for n, _ in runs)
+            if covered < length:
+                runs.append((length - covered, False))
+            if request.flags & _DF and len(runs) > 1:
+                runs = [(length, False)]
         view = lease.view
         parts: list[bytes | memoryview] = []
         pos = 0
@@ -508,7 +707,8 @@ class Connection:
                     message = self._failure_message(request, err)
                 head = chunks.error(cookie, offset, nbd_error, message)
             self._replies.append((head, data, nbytes))
-        self._have_replies.set()
+        if not self._quiet:
+            self._have_replies.set()
 
     def _queue(self, head: _Head, data: Buffer | None, nbytes: int) -> None:
         """Queue a reply already encoded; ``data`` is released once it is sent."""
@@ -517,55 +717,82 @@ class Connection:
                 data.release()
             return
         self._replies.append((head, data, nbytes))
-        self._have_replies.set()
+        if not self._quiet:
+            self._have_replies.set()
+
+    def _unquiet(self) -> None:
+        """End a quiet stretch of the reader: send what it queued; what the socket does not
+        take now is left to the writer task."""
+        self._quiet = False
+        if (self._replies or self._unsent) and not self._flush():
+            self._have_replies.set()
+
+    def _flush(self) -> bool:
+        """Send queued replies, as many per sendmsg as IOV_MAX allows, without waiting;
+        True once everything is sent (and its buffers and budget released)."""
+        iov = self._unsent
+        if self._replies:
+            batch, self._replies = self._replies, []
+            sending = self._sending
+            for header, data, nbytes in batch:
+                if type(header) is list:
+                    iov.extend(header)  # chunks whose data views point into ``data``
+                else:
+                    iov.append(header)  # type: ignore[arg-type]
+                    if data is not None and data.length:  # an empty view would never be "sent"
+                        iov.append(data.view)
+                sending.append((data, nbytes))
+        raw = self._raw
+        assert raw is not None
+        while iov:
+            try:
+                sent = raw.sendmsg(iov[:IOV_MAX] if len(iov) > IOV_MAX else iov)
+            except BlockingIOError:
+                return False
+            except _PEER_GONE as exc:
+                raise ClientGone(str(exc)) from None
+            done = 0
+            while sent:
+                first = len(iov[done])
+                if sent >= first:
+                    sent -= first
+                    done += 1
+                else:
+                    iov[done] = memoryview(iov[done])[sent:]
+                    sent = 0
+            del iov[:done]
+        sending, self._sending = self._sending, []
+        release = self._budget.release
+        for data, nbytes in sending:
+            if data is not None:
+                data.release()
+            release(nbytes)
+        return True
 
     async def _writer_task(self, scope: trio.CancelScope) -> None:
+        raw = self._raw
+        assert raw is not None
         try:
             while True:
                 await self._have_replies.wait()
                 self._have_replies = trio.Event()
-                batch, self._replies = self._replies, []
-                try:
-                    await self._send_replies(batch)
-                finally:
-                    for _header, data, nbytes in batch:
-                        if data is not None:
-                            data.release()
-                        self._budget.release(nbytes)
+                while not self._flush():
+                    await trio.lowlevel.wait_writable(raw)
         except ClientGone as exc:
             log.info("%s: client went away while sending replies (%s)", self.peer, exc)
             self.closed = True
             scope.cancel()
 
-    async def _send_replies(self, batch: list[tuple[_Head, Buffer | None, int]]) -> None:
-        iov: list[bytes | memoryview] = []
-        for header, data, _nbytes in batch:
-            if type(header) is list:
-                iov.extend(header)  # chunks whose data views point into ``data``
-            else:
-                iov.append(header)  # type: ignore[arg-type]
-                if data is not None and data.length:  # an empty view would never be "sent"
-                    iov.append(data.view)
-        sock = self.sock
-        try:
-            while iov:
-                sent = await sock.sendmsg(iov[:IOV_MAX])
-                while sent:
-                    first = len(iov[0])
-                    if sent >= first:
-                        sent -= first
-                        del iov[0]
-                    else:
-                        iov[0] = memoryview(iov[0])[sent:]
-                        sent = 0
-        except _PEER_GONE as exc:
-            raise ClientGone(str(exc)) from None
-
     def _drop_pending_replies(self) -> None:
+        self._unsent = []  # views into the buffers released below
         for _header, data, _nbytes in self._replies:
             if data is not None:
                 data.release()
         self._replies = []
+        for data, _nbytes in self._sending:
+            if data is not None:
+                data.release()
+        self._sending = []
 
 
 def set_nodelay(sock: trio.socket.SocketType) -> None:

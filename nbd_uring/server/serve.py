@@ -110,6 +110,11 @@ class Server:
         self._allow = _networks(config.allow)
         self._export_allow = {e.name: _networks(e.allow) for e in config.exports}
         self.connections = 0
+        self.draining = False
+        """Set by :meth:`begin_shutdown`: new requests get ESHUTDOWN, options ERR_SHUTDOWN."""
+        self.drain_started = trio.Event()
+        self._transmitting_changed = trio.Event()
+        self._accept_scope = trio.CancelScope()
         self.export_connections: Counter[str] = Counter()
         self.stats = {e.name: Stats(e.name) for e in config.exports}
         self.ring = Ring(config.ring_entries)
@@ -179,11 +184,32 @@ class Server:
     def export_released(self, served: ServedExport) -> None:
         self.export_connections[served.config.name] -= 1
         self.stats[served.config.name].connections -= 1
+        self._transmitting_changed.set()
+        self._transmitting_changed = trio.Event()
+
+    def begin_shutdown(self) -> None:
+        """Stop accepting; connections finish what they have in flight and close."""
+        if self.draining:
+            return
+        self.draining = True
+        self._accept_scope.cancel()
+        self.drain_started.set()
+
+    async def drained(self) -> None:
+        """Return once no connection is in transmission (negotiating ones do not count: they
+        are only answered ERR_SHUTDOWN and closed with the server)."""
+        while sum(self.export_connections.values()):
+            await self._transmitting_changed.wait()
 
     def close(self) -> None:
-        """Wait for the ring to finish in-flight I/O, then close the exports' files."""
+        """Wait for the ring to finish in-flight I/O, make every write durable, close files."""
         self.ring.close()
         for served in self.exports_by_name.values():
+            if served.backend.fd >= 0 and not served.config.read_only:
+                try:
+                    os.fdatasync(served.backend.fd)
+                except OSError as exc:
+                    log.error("fdatasync of %s at shutdown failed: %s", served.config.path, exc)
             served.backend.close()
 
     async def serve(self, *, task_status: trio.TaskStatus[list[ListenAddress]]) -> None:
@@ -203,8 +229,7 @@ class Server:
                         serve_metrics, host.strip("[]") or "127.0.0.1", int(port), collector
                     )
                     log.info("metrics on http://%s:%d/metrics", host or "127.0.0.1", bound)
-                for sock in listeners:
-                    nursery.start_soon(self._accept_task, sock, nursery)
+                nursery.start_soon(self._accept_all, listeners, nursery)
                 task_status.started(self.addresses)
         finally:
             for sock in listeners:
@@ -248,6 +273,16 @@ class Server:
                 sock.close()
             raise
         return socks
+
+    async def _accept_all(
+        self, listeners: list[trio.socket.SocketType], connections: trio.Nursery
+    ) -> None:
+        with self._accept_scope:
+            async with trio.open_nursery() as nursery:
+                for sock in listeners:
+                    nursery.start_soon(self._accept_task, sock, connections)
+        for sock in listeners:
+            sock.close()
 
     async def _reaper_task(self) -> None:
         ring = self.ring

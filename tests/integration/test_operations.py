@@ -262,3 +262,38 @@ def test_metrics_endpoint(start_nbd_server: StartServer) -> None:
     assert 'nbd_uring_connections{export=""} 1.0' in text
     client.disconnect()
 
+
+
+def wait_for_log(server: Server, text: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in server.stderr_text():
+        assert time.monotonic() < deadline, f"{text!r} never logged:\n{server.stderr_text()}"
+        time.sleep(0.02)
+
+
+def test_sigterm_drains_in_flight_requests(start_nbd_server: StartServer) -> None:
+    """SIGTERM with a write in flight: the write is answered (and on disk), a request that
+    arrives during the drain gets ESHUTDOWN, a client still negotiating gets
+    NBD_REP_ERR_SHUTDOWN, and the server exits 0 once the connection is done."""
+    server = start_nbd_server(size=8 * MiB, extra_args=("--fault", "write@0-4k:delay=3s"))
+    negotiating = RawClient(server)
+    negotiating.greeting()
+    client = RawClient(server).handshake()
+    write = client.request(1, 0, 4096, payload=b"D" * 4096)  # NBD_CMD_WRITE, held 3 s
+    server.proc.send_signal(15)
+    wait_for_log(server, "SIGTERM received, shutting down")
+    late = client.request(0, 65536, 512)  # NBD_CMD_READ during the drain
+    negotiating.send_option(OPT_GO, struct.pack(">IH", 0, 0))
+    _magic, _opt, rtype, _length = struct.unpack(">QIII", recv_exact(negotiating.sock, 20))
+    assert rtype == (1 << 31) + 7  # NBD_REP_ERR_SHUTDOWN
+    replies = {}
+    for _ in range(2):
+        _magic, error, cookie = struct.unpack(">IIQ", recv_exact(client.sock, 16))
+        replies[cookie] = error
+    assert replies == {write: 0, late: 108}  # NBD_ESHUTDOWN
+    expect_closed(client.sock)
+    assert server.proc.wait(timeout=15) == 0
+    server.killed = True  # stopped here on purpose: the fixture has nothing left to stop
+    assert "Traceback" not in server.stderr_text()
+    with server.path.open("rb") as f:
+        assert f.read(4096) == b"D" * 4096
