@@ -132,6 +132,7 @@ class ExportConfig:
     faults: tuple[FaultRule, ...] = ()
     fault_seed: int | None = None
     fua_dsync: bool = False
+    inline_writes: bool = False
     allow: tuple[str, ...] = ()
     """Client networks (CIDR or address) allowed to use this export; empty means anyone."""
     max_connections: int | None = None

@@ -120,6 +120,7 @@ _EXPORT_KEYS: Mapping[str, _Key] = {
     "writeback-limit": _Key(size_value, "writeback_limit"),
     "allow": _Key(_networks, "allow"),
     "max-connections": _Key(_typed(int, "a number"), "max_connections"),
+    "inline-writes": _Key(_typed(bool, "true or false"), "inline_writes"),
 }
 
 

@@ -71,6 +71,7 @@ def _open_export(ring: Ring, cfg: ExportConfig) -> ServedExport:
         writeback_limit=cfg.writeback_limit,
         faults=FaultInjector(cfg.faults, cfg.fault_seed) if cfg.faults else None,
         fua_dsync=cfg.fua_dsync,
+        inline_writes=cfg.inline_writes,
     )
     info = ExportInfo(
         name=cfg.name,

@@ -23,9 +23,11 @@ def ring() -> Iterator[Ring]:
         yield r
 
 
-@pytest.fixture
-def export(ring: Ring, tmp_path: Path) -> Iterator[Export]:
-    exp = Export(ring, str(tmp_path / "disk.img"), size=4 << 20, create=True)
+@pytest.fixture(params=[False, True], ids=["ring-writes", "inline-writes"])
+def export(ring: Ring, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Export]:
+    exp = Export(
+        ring, str(tmp_path / "disk.img"), size=4 << 20, create=True, inline_writes=request.param
+    )
     yield exp
     exp.close()
 
