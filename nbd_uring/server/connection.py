@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -48,7 +49,10 @@ from nbd_uring.protocol import (
     payload_length,
 )
 
+Completion = Callable[[int], None]
+
 if TYPE_CHECKING:
+    from nbd_uring.server.metrics import Stats
     from nbd_uring.server.serve import ServedExport, Server
 
 log = logging.getLogger("nbd_uring.connection")
@@ -164,6 +168,8 @@ class Connection:
         """None: simple replies only. Otherwise structured or extended chunks."""
         self._extended = False
         self._contexts: dict[int, str] = {}
+        self._stats: Stats | None = None
+        """The export's counters when --metrics is on."""
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -173,7 +179,7 @@ class Connection:
         try:
             if export is not None:
                 self.export, self.info = export, export.info
-                self.server.export_chosen(export)
+                self._stats = self.server.export_chosen(export)
                 await self._transmit()
             elif await self._negotiate():
                 await self._transmit()
@@ -241,7 +247,7 @@ class Connection:
             return False
         assert hs.export is not None
         self.export = server.exports_by_name[hs.export.name]
-        server.export_chosen(self.export)
+        self._stats = server.export_chosen(self.export)
         self.info = hs.export
         self._extended = hs.extended_headers
         if hs.extended_headers or hs.structured_replies:
@@ -499,7 +505,7 @@ class Connection:
             if not self._quiet:
                 self._have_replies.set()
 
-        self.export.backend.read(offset, lease.view, read_done)
+        self.export.backend.read(offset, lease.view, self._tracked(_READ, length, read_done))
 
     def _fast_write(self, cookie: int, offset: int, lease: Buffer) -> None:
         """A WRITE the fast path accepted (compact headers, no flags)."""
@@ -518,14 +524,17 @@ class Connection:
             if not self._quiet:
                 self._have_replies.set()
 
-        self.export.backend.write(offset, lease, write_done)
+        self.export.backend.write(offset, lease, self._tracked(_WRITE, length, write_done))
 
     def _submit_write(self, request: Request, lease: Buffer) -> None:
         assert self.export is not None
         nbytes = lease.length
 
         self.export.backend.write(
-            request.offset, lease, self._completion(request, nbytes), fua=request.fua
+            request.offset,
+            lease,
+            self._tracked(_WRITE, nbytes, self._completion(request, nbytes)),
+            fua=request.fua,
         )
 
     def _submit(self, request: Request, nbytes: int) -> None:
@@ -545,9 +554,9 @@ class Connection:
                 def read_done(err: int) -> None:
                     self._structured_read_done(request, err, lease, nbytes)
 
-            backend.read(request.offset, lease.view, read_done)
+            backend.read(request.offset, lease.view, self._tracked(_READ, nbytes, read_done))
             return
-        done = self._completion(request, nbytes)
+        done = self._tracked(command, request.length, self._completion(request, nbytes))
         if command == Cmd.FLUSH:
             backend.flush(done)
         elif command == Cmd.TRIM:
@@ -567,6 +576,20 @@ class Connection:
             self._block_status(request, nbytes)
         else:  # check_request lets only the commands above through
             self._reply(cookie, errno.EINVAL, None, nbytes)
+
+    def _tracked(self, command: int, nbytes: int, done: Completion) -> Completion:
+        """With --metrics: count the request and time it to its completion."""
+        stats = self._stats
+        if stats is None:
+            return done
+        stats.started()
+        start = time.monotonic()
+
+        def finished(err: int) -> None:
+            stats.finished(command, nbytes, err, time.monotonic() - start)
+            done(err)
+
+        return finished
 
     def _completion(self, request: Request, nbytes: int) -> Callable[[int], None]:
         cookie = request.cookie

@@ -7,6 +7,7 @@ requests from all clients meet in one submission queue in the order they were re
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -72,6 +73,7 @@ def _open_export(ring: Ring, cfg: ExportConfig) -> ServedExport:
         faults=FaultInjector(cfg.faults, cfg.fault_seed) if cfg.faults else None,
         fua_dsync=cfg.fua_dsync,
         inline_writes=cfg.inline_writes,
+        direct=cfg.direct,
     )
     info = ExportInfo(
         name=cfg.name,
@@ -79,6 +81,15 @@ def _open_export(ring: Ring, cfg: ExportConfig) -> ServedExport:
         flags=transmission_flags_for(read_only=cfg.read_only, can_cache=True, can_fast_zero=True),
         description=cfg.description,
     )
+    if backend.direct:
+        # O_DIRECT needs aligned requests: advertise the alignment and refuse clients that do
+        # not ask for it (the tail past the last whole block is the engine's business).
+        info = dataclasses.replace(
+            info,
+            min_block=backend.block_size,
+            preferred_block=max(4096, backend.block_size),
+            block_size_required=True,
+        )
     return ServedExport(info=info, backend=backend, config=cfg)
 
 
@@ -177,10 +188,14 @@ class Server:
 
         return lookup, listing
 
-    def export_chosen(self, served: ServedExport) -> None:
+    def export_chosen(self, served: ServedExport) -> Stats | None:
+        """Count a connection in transmission; returns the export's per-request counters
+        when metrics are on (None keeps the request path free of them)."""
+        stats = self.stats[served.config.name]
         self.export_connections[served.config.name] += 1
-        self.stats[served.config.name].connections += 1
-        self.stats[served.config.name].connections_total += 1
+        stats.connections += 1
+        stats.connections_total += 1
+        return stats if self.config.metrics is not None else None
 
     def export_released(self, served: ServedExport) -> None:
         self.export_connections[served.config.name] -= 1

@@ -297,3 +297,23 @@ def test_sigterm_drains_in_flight_requests(start_nbd_server: StartServer) -> Non
     assert "Traceback" not in server.stderr_text()
     with server.path.open("rb") as f:
         assert f.read(4096) == b"D" * 4096
+
+
+def test_metrics_count_what_fio_did(start_nbd_server: StartServer) -> None:
+    """Scraped after a fio run of exactly 256 4k writes then 256 4k reads, the counters say
+    so, bytes and latency histogram included."""
+    port = free_tcp_port()
+    server = start_nbd_server(tcp=True, extra_args=("--metrics", f"127.0.0.1:{port}"))
+    for rw in ("write", "read"):
+        subprocess.run(
+            ["fio", "--name=m", "--ioengine=nbd", f"--uri={server.uri}", f"--rw={rw}",
+             "--bs=4k", "--size=1m", "--iodepth=8", "--invalidate=0"],
+            capture_output=True, text=True, timeout=60, check=True,
+        )
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for command in ("read", "write"):
+        labels = f'command="{command}",export=""'
+        assert f"nbd_uring_requests_total{{{labels}}} 256.0" in text, text
+        assert f"nbd_uring_bytes_total{{{labels}}} 1.048576e+06" in text, text
+        assert f'nbd_uring_request_latency_seconds_count{{{labels}}} 256.0' in text
+    assert 'nbd_uring_requests_in_flight{export=""} 0.0' in text
