@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections", type=int, metavar="N", help="refuse clients beyond N at once"
     )
     serve.add_argument(
+        "--idle-timeout", type=float, metavar="SECONDS",
+        help="close connections that send no request for this long (none in flight)",
+    )
+    serve.add_argument(
         "--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at /metrics there"
     )
     serve.add_argument("--pidfile", metavar="PATH", help="write the process id there once ready")
@@ -163,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--inline-writes", action="store_true",
         help="do small plain writes with pwrite(2) at once instead of through io_uring "
         "(faster on ext4, whose buffered writes io_uring serialises in one worker thread)",
+    )
+    serve.add_argument(
+        "--direct", action="store_true",
+        help="open the file with O_DIRECT (bypass the page cache); clients must then use the "
+        "advertised minimum block size (512, or the device's logical block size)",
     )
     serve.add_argument(
         "--fault", action="append", default=[], type=_fault_rule, metavar="RULE",
@@ -307,6 +316,7 @@ def _config_from_file(args: argparse.Namespace) -> ServerConfig:
     for field, value in (
         ("handshake_timeout_s", args.handshake_timeout),
         ("max_connections", args.max_connections),
+        ("idle_timeout_s", args.idle_timeout),
         ("metrics", args.metrics),
         ("allow", tuple(args.allow) if args.allow else None),
     ):
@@ -347,6 +357,7 @@ def _serve(args: argparse.Namespace) -> int:
                     fault_seed=args.fault_seed,
                     fua_dsync=args.fua == "dsync",
                     inline_writes=args.inline_writes,
+                    direct=args.direct,
                 ),
             ),
             bind=None if unix_only else (args.bind or DEFAULT_BIND),
@@ -354,6 +365,7 @@ def _serve(args: argparse.Namespace) -> int:
             unix_path=args.unix,
             handshake_timeout_s=args.handshake_timeout or 10.0,
             max_connections=args.max_connections,
+            idle_timeout_s=args.idle_timeout,
             allow=tuple(args.allow or ()),
             metrics=args.metrics,
         )

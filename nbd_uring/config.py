@@ -133,6 +133,8 @@ class ExportConfig:
     fault_seed: int | None = None
     fua_dsync: bool = False
     inline_writes: bool = False
+    direct: bool = False
+    """Open with O_DIRECT; clients must then honour the advertised minimum block size."""
     allow: tuple[str, ...] = ()
     """Client networks (CIDR or address) allowed to use this export; empty means anyone."""
     max_connections: int | None = None

@@ -121,6 +121,7 @@ _EXPORT_KEYS: Mapping[str, _Key] = {
     "allow": _Key(_networks, "allow"),
     "max-connections": _Key(_typed(int, "a number"), "max_connections"),
     "inline-writes": _Key(_typed(bool, "true or false"), "inline_writes"),
+    "direct": _Key(_typed(bool, "true or false"), "direct"),
 }
 
 

@@ -13,10 +13,12 @@ rules, shared by every connection to the export:
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import mmap
 import os
 import stat
+import sys
 from collections.abc import Callable
 
 from nbd_uring.engine.buffers import Buffer
@@ -34,6 +36,12 @@ from nbd_uring.engine.ring import (
 log = logging.getLogger(__name__)
 
 _ZERO_CHUNK = 1024 * 1024
+_BLKSSZGET = 0x1268
+_FILE_BLOCK = 512
+_TAIL_ZONE = mmap.PAGESIZE * (mmap.PAGESIZE // 8)
+"""The largest page-cache folio (one PMD: 2 MiB with 4 KiB pages). O_DIRECT and buffered I/O
+must never touch the same folio: a direct write that cannot invalidate a folio a buffered write
+keeps dirty makes the kernel warn of possible corruption and fail the next fsync with EIO."""
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENODEV)
 _zeros: mmap.mmap | None = None
 
@@ -64,6 +72,7 @@ class Export:
         faults: FaultInjector | None = None,
         fua_dsync: bool = False,
         inline_writes: bool = False,
+        direct: bool = False,
     ) -> None:
         self.ring = ring
         self.path = path
@@ -76,10 +85,14 @@ class Export:
         self.inline_writes = inline_writes
         """Small plain writes with pwrite(2) on the spot instead of the ring (opt-in: on ext4
         io_uring hands buffered writes to one io-wq worker per file, which is slower)."""
+        self.direct = direct
+        """The file is open with O_DIRECT: every I/O through ``fd`` is aligned to
+        ``block_size`` in offset, length and memory (buffers are mmap-backed, page aligned)."""
         flags = os.O_CLOEXEC | (os.O_RDONLY if read_only else os.O_RDWR)
         if create and not read_only:
             flags |= os.O_CREAT
-        self.fd = os.open(path, flags, 0o644)
+        self.fd = os.open(path, flags | (os.O_DIRECT if direct else 0), 0o644)
+        self._tail_fd = -1
         try:
             st = os.fstat(self.fd)
             self.is_block_device = stat.S_ISBLK(st.st_mode)
@@ -89,8 +102,20 @@ class Export:
                 os.ftruncate(self.fd, size)
             actual = os.lseek(self.fd, 0, os.SEEK_END)
             self.size = actual if size is None else min(size, actual)
+            self.block_size = _logical_block_size(self.fd, self.is_block_device) if direct else 1
+            """The alignment O_DIRECT needs (1 without ``direct``)."""
+            self._tail_start = self.size
+            """Bytes from here to ``size`` go through ``_tail_fd``, opened without O_DIRECT,
+            when the size is not a multiple of the block size: an O_DIRECT write of the whole
+            last block would extend the file. The zone starts at a ``_TAIL_ZONE`` boundary,
+            so the page cache that buffered tail I/O uses never shares a folio with direct
+            I/O; the rest of the export is pure O_DIRECT."""
+            if self.size % self.block_size:
+                self._tail_start = self.size - self.size % max(_TAIL_ZONE, self.block_size)
+            if self._tail_start < self.size:
+                self._tail_fd = os.open(path, flags & ~os.O_CREAT)
         except BaseException:
-            os.close(self.fd)
+            self.close()
             raise
         self._punch_ok = not read_only
         self._zero_range_ok = not read_only
@@ -106,6 +131,9 @@ class Export:
         self.deferred_errors_total = 0
 
     def close(self) -> None:
+        if self._tail_fd >= 0:
+            os.close(self._tail_fd)
+            self._tail_fd = -1
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -123,14 +151,18 @@ class Export:
                 tracker.release(entry)
                 done(err)
 
-            if entry.blockers:
+            if offset + len(buf) > self._tail_start:
+                if entry.blockers:
+                    entry.defer(lambda: self._read_at(buf, offset, finished))
+                else:
+                    self._read_at(buf, offset, finished)
+            elif entry.blockers:
                 entry.defer(lambda: self.ring.read(self.fd, buf, offset, finished))
             else:
                 self.ring.read(self.fd, buf, offset, finished)
             return
         self._ordered(
-            "read", offset, len(buf), False, lambda fin: self.ring.read(self.fd, buf, offset, fin),
-            done,
+            "read", offset, len(buf), False, lambda fin: self._read_at(buf, offset, fin), done
         )
 
     def write(self, offset: int, buf: Buffer, done: Completion, *, fua: bool = False) -> None:
@@ -139,7 +171,12 @@ class Export:
         fua = fua or self.durability is Durability.SYNC
         length = buf.length
         epoch = self._epochs.write_started()
-        if self._plain and not fua and self.durability is Durability.FLUSH:
+        if (
+            self._plain
+            and not fua
+            and self.durability is Durability.FLUSH
+            and offset + length <= self._tail_start
+        ):
             # What _ordered, _faulted and the closures below do, with one closure.
             tracker = self._tracker
             entry = tracker.admit(offset, length, True, None)
@@ -182,11 +219,9 @@ class Export:
 
         def io(fin: Completion) -> None:
             if fua and self.fua_dsync:
-                self.ring.write(self.fd, buf.view, offset, fin, dsync=True)
+                self._write_at(buf.view, offset, fin, dsync=True)
             else:
-                self.ring.write(
-                    self.fd, buf.view, offset, fin, fua=fua, inline=self.inline_writes
-                )
+                self._write_at(buf.view, offset, fin, fua=fua, inline=self.inline_writes)
 
         self._ordered("write", offset, length, True, io, written)
 
@@ -288,6 +323,46 @@ class Export:
             runs.append((stop - pos, False))
             pos = stop
         return runs
+
+    # -- direct I/O: the unaligned tail -------------------------------------------------
+
+    def _read_at(self, buf: memoryview, offset: int, done: Completion) -> None:
+        """Read through ``fd``, and through ``_tail_fd`` for the part past ``_tail_start``."""
+        split = self._tail_start - offset
+        if offset + len(buf) <= self._tail_start:
+            self.ring.read(self.fd, buf, offset, done)
+        elif split <= 0:
+            self.ring.read(self._tail_fd, buf, offset, done)
+        else:
+            both = _joined(done)
+            self.ring.read(self.fd, buf[:split], offset, both)
+            self.ring.read(self._tail_fd, buf[split:], self._tail_start, both)
+
+    def _write_at(
+        self,
+        buf: memoryview,
+        offset: int,
+        done: Completion,
+        *,
+        fua: bool = False,
+        dsync: bool = False,
+        inline: bool = False,
+    ) -> None:
+        """Write through ``fd``, and through ``_tail_fd`` for the part past ``_tail_start``
+        (each part with its own FUA or RWF_DSYNC)."""
+        split = self._tail_start - offset
+        ring = self.ring
+        if offset + len(buf) <= self._tail_start:
+            ring.write(self.fd, buf, offset, done, fua=fua, dsync=dsync, inline=inline)
+        elif split <= 0:
+            ring.write(self._tail_fd, buf, offset, done, fua=fua, dsync=dsync, inline=inline)
+        else:
+            both = _joined(done)
+            ring.write(self.fd, buf[:split], offset, both, fua=fua, dsync=dsync, inline=inline)
+            ring.write(
+                self._tail_fd, buf[split:], self._tail_start, both,
+                fua=fua, dsync=dsync, inline=inline,
+            )
 
     # -- ordering, faults, syncing ------------------------------------------------------
 
@@ -408,7 +483,7 @@ class Export:
                 self._then_sync(err, fua, done)
                 return
             n = min(_ZERO_CHUNK, end - pos)
-            self.ring.write(self.fd, zeros[:n], pos, _bind(step, pos + n))
+            self._write_at(zeros[:n], pos, _bind(step, pos + n))
 
         step(0)
 
@@ -421,3 +496,27 @@ class Export:
 
 def _bind(step: Callable[[int, int], None], pos: int) -> Completion:
     return lambda err: step(err, pos)
+
+
+def _joined(done: Completion, parts: int = 2) -> Completion:
+    """A completion to give each of ``parts`` I/Os: ``done`` runs once all have finished,
+    with the first error any of them met."""
+    state = [parts, 0]
+
+    def part(err: int) -> None:
+        if err and not state[1]:
+            state[1] = err
+        state[0] -= 1
+        if state[0] == 0:
+            done(state[1])
+
+    return part
+
+
+def _logical_block_size(fd: int, is_block_device: bool) -> int:
+    """The alignment O_DIRECT needs: the device's logical block size (BLKSSZGET), 512 for a
+    file (what the common file systems on 512-byte-sector devices accept)."""
+    if not is_block_device:
+        return _FILE_BLOCK
+    raw = fcntl.ioctl(fd, _BLKSSZGET, b"\0\0\0\0")
+    return int.from_bytes(raw, sys.byteorder) or _FILE_BLOCK

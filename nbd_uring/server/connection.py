@@ -302,6 +302,7 @@ class Connection:
         payload_of = extended_payload_length if extended else payload_length
         budget = self._budget
         server = self.server
+        idle_timeout = server.config.idle_timeout_s
         pool = server.pool
         # Fast path: compact headers, READ or WRITE without flags, in bounds and aligned; it
         # accepts exactly what check_request would, anything else takes the general path.
@@ -431,7 +432,16 @@ class Connection:
                     break
                 except BlockingIOError:
                     eager = 0
-                    await trio.lowlevel.wait_readable(raw)
+                    if idle_timeout is None or budget.requests or end:
+                        await trio.lowlevel.wait_readable(raw)
+                        continue
+                    with trio.move_on_after(idle_timeout):
+                        await trio.lowlevel.wait_readable(raw)
+                        continue
+                    log.info(
+                        "%s: closing: no request for %.0f s (idle timeout)", self.peer, idle_timeout
+                    )
+                    return
                 except _PEER_GONE as exc:
                     raise ClientGone(str(exc)) from None
             eager += 1

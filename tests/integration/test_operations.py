@@ -317,3 +317,20 @@ def test_metrics_count_what_fio_did(start_nbd_server: StartServer) -> None:
         assert f"nbd_uring_bytes_total{{{labels}}} 1.048576e+06" in text, text
         assert f'nbd_uring_request_latency_seconds_count{{{labels}}} 256.0' in text
     assert 'nbd_uring_requests_in_flight{export=""} 0.0' in text
+
+
+def test_idle_timeout_closes_only_idle_connections(start_nbd_server: StartServer) -> None:
+    """--idle-timeout 1: a client that sends nothing for a second is closed; one whose request
+    is still being served (held 2 s) is not, and gets its reply."""
+    server = start_nbd_server(
+        extra_args=("--idle-timeout", "1", "--fault", "read@0-1:delay=2s")
+    )
+    idle = RawClient(server).handshake()
+    busy = RawClient(server).handshake()
+    cookie = busy.request(0, 0, 512)  # NBD_CMD_READ, held 2 s by the fault rule
+    expect_closed(idle.sock, timeout=10)
+    _magic, error, got = struct.unpack(">IIQ", recv_exact(busy.sock, 16))
+    assert (error, got) == (0, cookie)
+    recv_exact(busy.sock, 512)
+    busy.disconnect()
+    wait_for_log(server, "no request for 1 s (idle timeout)")

@@ -43,6 +43,11 @@ def test_a_full_file_loads() -> None:
     assert other.allow == ("::1", "10.1.0.0/16")
 
 
+def test_direct_key() -> None:
+    cfg = load_config('[exports.a]\npath = "/x"\ndirect = true\n[exports.b]\npath = "/y"\n')
+    assert [e.direct for e in cfg.exports] == [True, False]
+
+
 def test_unix_only_when_no_tcp_is_given() -> None:
     cfg = load_config('[server]\nunix = "/tmp/s.sock"\n[exports.a]\npath = "/x"\n')
     assert (cfg.unix_path, cfg.port, cfg.bind) == ("/tmp/s.sock", None, None)
