@@ -211,22 +211,23 @@ async def _run(
     from nbd_uring.server import Server
     from nbd_uring.server.systemd import listen_fds, notify
 
-    inherited = listen_fds()
-    if inherited:
-        log.info("socket activation: serving %d inherited socket(s)", len(inherited))
-    server = Server(config, listen_sockets=inherited)
-    status = 0
-    try:
-        async with trio.open_nursery() as nursery:
-            addresses = await nursery.start(server.serve)
-            for address in addresses:
-                log.info("listening on %s", address.uri(export_name))
-            if args.print_uri:
-                print(addresses[0].uri(export_name), flush=True)
-            if args.pidfile:
-                _write_pidfile(args.pidfile)
-            notify("READY=1")
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    # Listening for signals from the start: a SIGTERM during startup must not skip cleanup.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        inherited = listen_fds()
+        if inherited:
+            log.info("socket activation: serving %d inherited socket(s)", len(inherited))
+        server = Server(config, listen_sockets=inherited)
+        status = 0
+        try:
+            async with trio.open_nursery() as nursery:
+                addresses = await nursery.start(server.serve)
+                for address in addresses:
+                    log.info("listening on %s", address.uri(export_name))
+                if args.print_uri:
+                    print(addresses[0].uri(export_name), flush=True)
+                if args.pidfile:
+                    _write_pidfile(args.pidfile)
+                notify("READY=1")
                 if args.run:
                     status = await _captive(args.run, addresses, export_name, signals)
                 else:
@@ -241,12 +242,12 @@ async def _run(
                     log.warning(
                         "clients still connected after %.0f s: closing them", args.shutdown_timeout
                     )
-            nursery.cancel_scope.cancel()
-    finally:
-        server.close()
-        if args.pidfile:
-            with contextlib.suppress(OSError):
-                os.unlink(args.pidfile)
+                nursery.cancel_scope.cancel()
+        finally:
+            server.close()
+            if args.pidfile:
+                with contextlib.suppress(OSError):
+                    os.unlink(args.pidfile)
     return status
 
 
@@ -325,7 +326,13 @@ def _config_from_file(args: argparse.Namespace) -> ServerConfig:
     return dataclasses.replace(config, **overrides)
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    """Until Trio listens for signals, SIGTERM/SIGINT still unwind through the cleanup."""
+    raise SystemExit(128 + signum)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     if args.config is not None:
         try:
             config = _config_from_file(args)
