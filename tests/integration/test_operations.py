@@ -334,3 +334,25 @@ def test_idle_timeout_closes_only_idle_connections(start_nbd_server: StartServer
     recv_exact(busy.sock, 512)
     busy.disconnect()
     wait_for_log(server, "no request for 1 s (idle timeout)")
+
+
+def test_scratch_export_is_removed_at_exit(tmp_path: Path) -> None:
+    """The default scratch disk lives in a temporary folder that is gone after the server
+    exits, whether it stopped on its own (--run) or on SIGTERM (during startup too)."""
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TMPDIR=str(scratch_root))
+    sock = tmp_path / "s.sock"
+    argv = [sys.executable, "-m", "nbd_uring", "serve", "--unix", str(sock)]
+    done = subprocess.run([*argv, "--run", 'nbdinfo --size "$uri"'], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(1 << 30)
+    assert list(scratch_root.iterdir()) == []
+    for delay in (0.05, 0.5, 1.5):
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.terminate()
+        proc.wait(timeout=30)
+        assert list(scratch_root.iterdir()) == [], f"left behind after SIGTERM at {delay} s"
