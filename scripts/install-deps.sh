@@ -12,6 +12,7 @@ PACKAGES=(
     libnbd-bin          # nbdinfo, nbdcopy, nbdsh
     nbdkit              # reference server for the tests and the benchmark
     qemu-utils          # qemu-img, qemu-io, qemu-nbd
+    qemu-block-extra    # qemu-nbd --aio=io_uring for the benchmark (a Recommends of qemu-utils)
     fio                 # fio with the nbd ioengine
     nbd-server
     nbd-client

@@ -7,9 +7,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import select
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +16,8 @@ import pytest
 from nbd_uring.engine.buffers import BufferPool
 from nbd_uring.engine.export import Export
 from nbd_uring.engine.ring import Ring
+
+from ._ringwait import drain
 
 MiB = 1 << 20
 ODD_SIZE = MiB + 1000
@@ -64,15 +64,6 @@ def export(ring: Ring, direct_dir: Path, request: pytest.FixtureRequest) -> Iter
     yield exp
     exp.close()
 
-
-def drain(ring: Ring, timeout_s: float = 10.0) -> None:
-    ring.submit()
-    deadline = time.monotonic() + timeout_s
-    while ring.in_flight:
-        left = deadline - time.monotonic()
-        assert left > 0, f"{ring.in_flight} operations never completed"
-        select.select([ring.eventfd], [], [], left)
-        ring.reap()
 
 
 def read(export: Export, pool: BufferPool, offset: int, length: int) -> bytes:

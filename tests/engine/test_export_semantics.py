@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-import select
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +17,8 @@ from nbd_uring.engine.buffers import Buffer, BufferPool
 from nbd_uring.engine.export import Export
 from nbd_uring.engine.faults import FaultInjector
 from nbd_uring.engine.ring import Ring
+
+from ._ringwait import run_until
 
 DELAY = "150ms"
 
@@ -44,15 +44,6 @@ def make_export(
     os.pwrite(exp.fd, b"\x00" * 65536, 0)
     return exp
 
-
-def run_until(ring: Ring, done: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    ring.submit()
-    deadline = time.monotonic() + timeout_s
-    while not done():
-        left = deadline - time.monotonic()
-        assert left > 0, "timed out"
-        select.select([ring.eventfd], [], [], left)
-        ring.reap()
 
 
 class Recorder:
@@ -225,6 +216,26 @@ def test_sync_durability_makes_every_write_fua(ring: Ring, tmp_path: Path) -> No
     exp.write(0, data(0x77), rec("write"))
     run_until(ring, lambda: len(rec.events) == 1)
     assert calls == [True]
+
+
+def test_fua_dsync_uses_rwf_dsync_instead_of_a_linked_sync(ring: Ring, tmp_path: Path) -> None:
+    """--fua dsync: a FUA write is one write with RWF_DSYNC, no linked fdatasync; the data
+    lands and the write succeeds."""
+    exp = make_export(ring, tmp_path, fua_dsync=True)
+    calls: list[dict[str, bool]] = []
+    real_write = ring.write
+
+    def spy(fd: int, buf: object, offset: int, cb: Callable[[int], None], **kw: bool) -> None:
+        calls.append(kw)
+        real_write(fd, buf, offset, cb, **kw)
+
+    ring.write = spy  # type: ignore[method-assign]
+    rec = Recorder()
+    exp.write(8192, data(0x5A), rec("fua write"), fua=True)
+    run_until(ring, lambda: len(rec.events) == 1)
+    assert rec.events == [("fua write", 0)]
+    assert [(kw.get("dsync"), kw.get("fua", False)) for kw in calls] == [(True, False)]
+    assert os.pread(exp.fd, 4096, 8192) == b"\x5a" * 4096
 
 
 def test_injected_errors_and_probability(ring: Ring, tmp_path: Path) -> None:

@@ -5,8 +5,6 @@ read/write path still orders overlapping requests in arrival order."""
 from __future__ import annotations
 
 import os
-import select
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +13,8 @@ import pytest
 from nbd_uring.engine.buffers import BufferPool
 from nbd_uring.engine.export import Export
 from nbd_uring.engine.ring import INLINE_WRITE_MAX, Ring
+
+from ._ringwait import drain
 
 
 @pytest.fixture
@@ -31,15 +31,6 @@ def export(ring: Ring, tmp_path: Path, request: pytest.FixtureRequest) -> Iterat
     yield exp
     exp.close()
 
-
-def drain(ring: Ring, timeout_s: float = 10.0) -> None:
-    ring.submit()
-    deadline = time.monotonic() + timeout_s
-    while ring.in_flight:
-        left = deadline - time.monotonic()
-        assert left > 0, f"{ring.in_flight} operations never completed"
-        select.select([ring.eventfd], [], [], left)
-        ring.reap()
 
 
 def test_inline_write_completes_at_submit_not_inside_the_call(ring: Ring, tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ import select
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,14 +18,7 @@ from nbd_uring.engine.buffers import BufferPool
 from nbd_uring.engine.export import Export
 from nbd_uring.engine.ring import Ring
 
-
-def drain(ring: Ring, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while ring.in_flight:
-        left = deadline - time.monotonic()
-        assert left > 0, f"{ring.in_flight} operations never completed"
-        select.select([ring.eventfd], [], [], left)
-        ring.reap()
+from ._ringwait import drain
 
 
 @pytest.fixture
