@@ -9,6 +9,11 @@ Refusals that negotiation survives are :class:`OptionError` inside this module a
 ``NBD_REP_ERR_*`` replies. A :class:`ProtocolViolation` escapes to the caller, which closes the
 connection without a reply. An ``NBD_OPT_EXPORT_NAME`` that cannot be satisfied is not the client's
 fault and has no error reply, so it ends in state ``CLOSED`` with a :attr:`close_reason` instead.
+
+TLS (the spec's "TLS support") is decided here and done by the caller: an accepted
+``NBD_OPT_STARTTLS`` stops the machine in state ``STARTTLS`` after queueing the ACK; the caller
+sends it, runs the TLS handshake and calls :meth:`ServerHandshake.tls_started`, which discards
+everything negotiated so far and resumes option haggling over the encrypted stream.
 """
 
 import dataclasses
@@ -87,6 +92,8 @@ class ExportInfo:
     block_size_required: bool = False
     """Refuse clients that do not ask for NBD_INFO_BLOCK_SIZE (the export enforces min_block,
     e.g. because it is opened with O_DIRECT)."""
+    tls_required: bool = False
+    """Usable and listed only after STARTTLS (the spec's SELECTIVETLS for this export)."""
 
     def __post_init__(self) -> None:
         _check_string("export name", self.name)
@@ -152,6 +159,9 @@ def transmission_flags_for(
 
 class HandshakeState(Enum):
     NEGOTIATING = auto()
+    STARTTLS = auto()
+    """STARTTLS was acknowledged: send :meth:`ServerHandshake.data_to_send`, then do the TLS
+    handshake before anything else is read or written."""
     TRANSMISSION = auto()
     CLOSED = auto()
 
@@ -334,6 +344,10 @@ class ServerHandshake:
     ``lookup`` returns None for an export that does not exist, and may raise
     :class:`OptionError` (e.g. ``ERR_POLICY``) to refuse one that does: INFO and GO answer with
     that error, EXPORT_NAME disconnects.
+
+    ``tls_available``: STARTTLS is accepted (else ERR_POLICY). ``tls_required`` (FORCEDTLS):
+    before TLS every option but STARTTLS and ABORT gets ERR_TLS_REQD, and EXPORT_NAME a
+    disconnect. An export with ``tls_required`` behaves so for itself alone (SELECTIVETLS).
     """
 
     def __init__(
@@ -344,7 +358,11 @@ class ServerHandshake:
         max_option_length: int = MAX_OPTION_LENGTH,
         max_options: int = MAX_OPTIONS,
         max_meta_queries: int = MAX_META_QUERIES,
+        tls_available: bool = False,
+        tls_required: bool = False,
     ) -> None:
+        if tls_required and not tls_available:
+            raise ValueError("tls_required needs tls_available")
         if max_option_length < 0:
             raise ValueError(f"max_option_length must be >= 0, got {max_option_length}")
         if max_options < 1:
@@ -354,6 +372,9 @@ class ServerHandshake:
         self._max_option_length = max_option_length
         self._max_options = max_options
         self._max_meta_queries = max_meta_queries
+        self._tls_available = tls_available
+        self._tls_required = tls_required
+        self._tls = False
         self._state = HandshakeState.NEGOTIATING
         self._phase = _Phase.CLIENT_FLAGS
         self._need = _CLIENT_FLAGS.size
@@ -377,6 +398,11 @@ class ServerHandshake:
     @property
     def state(self) -> HandshakeState:
         return self._state
+
+    @property
+    def tls(self) -> bool:
+        """Whether :meth:`tls_started` was called: negotiation runs over TLS."""
+        return self._tls
 
     @property
     def export(self) -> ExportInfo | None:
@@ -411,7 +437,9 @@ class ServerHandshake:
 
     @property
     def unused_data(self) -> bytes:
-        """Bytes received after the handshake's last byte: pipelined transmission requests."""
+        """Bytes received after the handshake's last byte: pipelined transmission requests. In
+        state ``STARTTLS`` these are plaintext the client sent before the TLS handshake, which
+        the spec forbids."""
         return bytes(self._unused)
 
     @property
@@ -428,6 +456,24 @@ class ServerHandshake:
         """The server is going away: from now on every option but ABORT gets
         ``NBD_REP_ERR_SHUTDOWN`` (the spec's SHOULD), and EXPORT_NAME a disconnect."""
         self._shutting_down = True
+
+    def tls_started(self) -> None:
+        """The TLS handshake after STARTTLS succeeded: resume negotiation over TLS.
+
+        Spec: the server "MUST discard" what was negotiated before STARTTLS, since an attacker
+        may have altered it, so structured replies, extended headers and meta contexts are gone.
+        """
+        if self._state is not HandshakeState.STARTTLS:
+            raise RuntimeError(f"tls_started() in state {self._state.name}, not STARTTLS")
+        self._tls = True
+        self._structured = False
+        self._extended = False
+        self._meta = None
+        self._contexts = {}
+        self._last_info = None
+        self._unused.clear()
+        self._state = HandshakeState.NEGOTIATING
+        self._expect(_Phase.OPTION_HEADER, OPTION_HEADER_SIZE)
 
     def data_to_send(self) -> bytes:
         """Return and forget everything queued for the client."""
@@ -464,7 +510,7 @@ class ServerHandshake:
         self._keep_leftover(view)
 
     def _keep_leftover(self, data: bytes | bytearray | memoryview) -> None:
-        if self._state is HandshakeState.TRANSMISSION:
+        if self._state in (HandshakeState.TRANSMISSION, HandshakeState.STARTTLS):
             self._unused += data
 
     def _close(self, reason: str) -> None:
@@ -533,6 +579,16 @@ class ServerHandshake:
                     self._close("server is shutting down (NBD_OPT_EXPORT_NAME gets a disconnect)")
                     return
                 raise OptionError(Rep.ERR_SHUTDOWN, "server is shutting down")
+            if self._tls_required and not self._tls and option not in _ALLOWED_BEFORE_TLS:
+                if option == Opt.EXPORT_NAME:
+                    self._close(
+                        "NBD_OPT_EXPORT_NAME before STARTTLS on a server that requires TLS "
+                        "(it cannot return an error, so the server disconnects)"
+                    )
+                    return
+                raise OptionError(
+                    Rep.ERR_TLS_REQD, f"this server requires TLS before {_option_name(option)}"
+                )
             if option == Opt.GO and previous_info is not None and previous_info[0] == data:
                 self._finish_info(option, data, _parse_info_request(option, data), previous_info[1])
             else:
@@ -572,6 +628,12 @@ class ServerHandshake:
                 "(NBD_OPT_EXPORT_NAME cannot return an error, so the server disconnects)"
             )
             return
+        if export is not None and export.tls_required and not self._tls:
+            self._close(
+                f"export {_describe_name(name)} requires TLS, and NBD_OPT_EXPORT_NAME came "
+                "before STARTTLS (the server disconnects)"
+            )
+            return
         if export is not None and export.block_size_required:
             self._close(
                 f"export {_describe_name(name)} needs NBD_INFO_BLOCK_SIZE, which "
@@ -596,6 +658,8 @@ class ServerHandshake:
 
     def _handle_list(self, option: int, data: bytes) -> None:
         for export in self._list_exports():
+            if export.tls_required and not self._tls:
+                continue
             name = export.name.encode("utf-8")
             self._reply(
                 option,
@@ -605,16 +669,29 @@ class ServerHandshake:
         self._reply(option, Rep.ACK)
 
     def _handle_starttls(self, option: int, data: bytes) -> None:
-        raise OptionError(Rep.ERR_POLICY, "TLS is not configured on this server")
+        if not self._tls_available:
+            raise OptionError(Rep.ERR_POLICY, "TLS is not configured on this server")
+        if self._tls:
+            raise OptionError(Rep.ERR_INVALID, "TLS is already negotiated on this connection")
+        self._reply(option, Rep.ACK)
+        self._state = HandshakeState.STARTTLS
+        self._phase = _Phase.DONE
 
     def _handle_info_or_go(self, option: int, data: bytes) -> None:
         request = _parse_info_request(option, data)
-        export = self._lookup(request.name)
-        if export is None:
-            raise OptionError(
-                Rep.ERR_UNKNOWN, f"export {_describe_name(request.name)} does not exist"
-            )
+        export = self._checked_lookup(request.name)
         self._finish_info(option, data, request, self._negotiated(export))
+
+    def _checked_lookup(self, name: str) -> ExportInfo:
+        """The export for INFO, GO and the meta context options, or the OptionError refusing it."""
+        export = self._lookup(name)
+        if export is None:
+            raise OptionError(Rep.ERR_UNKNOWN, f"export {_describe_name(name)} does not exist")
+        if export.tls_required and not self._tls:
+            raise OptionError(
+                Rep.ERR_TLS_REQD, f"export {_describe_name(name)} requires TLS (NBD_OPT_STARTTLS)"
+            )
+        return export
 
     def _negotiated(self, export: ExportInfo) -> ExportInfo:
         """``export`` with the transmission flags that depend on what was negotiated."""
@@ -695,11 +772,7 @@ class ServerHandshake:
                 Rep.ERR_INVALID,
                 "NBD_OPT_SET_META_CONTEXT needs structured replies or extended headers first",
             )
-        export = self._lookup(request.name)
-        if export is None:
-            raise OptionError(
-                Rep.ERR_UNKNOWN, f"export {_describe_name(request.name)} does not exist"
-            )
+        export = self._checked_lookup(request.name)
         selected: dict[int, str] = {}
         for context in _match_contexts(request.queries, listing=not setting):
             context_id = 0
@@ -724,6 +797,9 @@ _PHASE_READERS: Final[dict[_Phase, Callable[[ServerHandshake, bytes], None]]] = 
 """What a completed piece of input is, by phase; DONE reads nothing."""
 
 _UNSUPPORTED: Final = _OptionRule(ServerHandshake._handle_unsupported)
+
+_ALLOWED_BEFORE_TLS: Final = frozenset({Opt.STARTTLS, Opt.ABORT})
+"""FORCEDTLS: the options a client may send in plaintext."""
 
 _OPTION_RULES: Final[dict[int, _OptionRule]] = {
     Opt.EXPORT_NAME: _OptionRule(ServerHandshake._handle_export_name, max_length=MAX_STRING),
