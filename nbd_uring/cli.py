@@ -29,6 +29,7 @@ from nbd_uring.config import (
     FaultRule,
     Ordering,
     ServerConfig,
+    TlsMode,
 )
 
 if TYPE_CHECKING:
@@ -56,6 +57,11 @@ examples:
 clients:
   nbdinfo nbd://127.0.0.1/             qemu-img info nbd://127.0.0.1:10809
   nbdcopy in.img nbd://127.0.0.1/      nbd-client 127.0.0.1 10809 /dev/nbd0 -N ''
+
+TLS (certificates in DIR, named as libnbd and qemu expect them):
+  nbd-uring serve disk.img --tls require --tls-cert DIR/server-cert.pem \
+      --tls-key DIR/server-key.pem
+  nbdinfo 'nbds://127.0.0.1/?tls-certificates=DIR'
 """
 
 
@@ -135,6 +141,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at /metrics there"
     )
     serve.add_argument("--pidfile", metavar="PATH", help="write the process id there once ready")
+    serve.add_argument(
+        "--tls", choices=[m.value for m in TlsMode],
+        help="off (default): refuse STARTTLS; on: offer TLS, plaintext clients welcome; "
+        "require: only STARTTLS and ABORT before TLS",
+    )
+    serve.add_argument("--tls-cert", metavar="PEM", help="server certificate (chain)")
+    serve.add_argument("--tls-key", metavar="PEM", help="server private key")
+    serve.add_argument(
+        "--tls-ca", metavar="PEM", help="CA certificate(s) that sign client certificates"
+    )
+    serve.add_argument(
+        "--tls-verify-peer", action="store_true", default=None,
+        help="require a client certificate signed by --tls-ca",
+    )
+    serve.add_argument(
+        "--allow-tls-name", action="append", metavar="CN",
+        help="serve the export only to TLS clients whose certificate has this subject common "
+        "name (repeatable; implies --tls-verify-peer semantics: needs it and --tls-ca)",
+    )
     serve.add_argument(
         "--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
         help="on SIGTERM/SIGINT, how long connections may finish their requests (default 30)",
@@ -303,6 +328,8 @@ def _config_from_file(args: argparse.Namespace) -> ServerConfig:
     if args.file is not None:
         raise ValueError("give either FILE or --config, not both")
     config = load_config_file(args.config)
+    if args.allow_tls_name:
+        raise ValueError("--allow-tls-name is for a single FILE; use allow-tls-names per export")
     overrides: dict[str, Any] = {}
     if args.unix is not None:
         overrides["unix_path"] = args.unix
@@ -320,6 +347,11 @@ def _config_from_file(args: argparse.Namespace) -> ServerConfig:
         ("idle_timeout_s", args.idle_timeout),
         ("metrics", args.metrics),
         ("allow", tuple(args.allow) if args.allow else None),
+        ("tls", TlsMode(args.tls) if args.tls else None),
+        ("tls_cert", args.tls_cert),
+        ("tls_key", args.tls_key),
+        ("tls_ca", args.tls_ca),
+        ("tls_verify_peer", args.tls_verify_peer),
     ):
         if value is not None:
             overrides[field] = value
@@ -365,6 +397,7 @@ def _serve(args: argparse.Namespace) -> int:
                     fua_dsync=args.fua == "dsync",
                     inline_writes=args.inline_writes,
                     direct=args.direct,
+                    allow_tls_names=tuple(args.allow_tls_name or ()),
                 ),
             ),
             bind=None if unix_only else (args.bind or DEFAULT_BIND),
@@ -375,6 +408,11 @@ def _serve(args: argparse.Namespace) -> int:
             idle_timeout_s=args.idle_timeout,
             allow=tuple(args.allow or ()),
             metrics=args.metrics,
+            tls=TlsMode(args.tls or "off"),
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_ca=args.tls_ca,
+            tls_verify_peer=bool(args.tls_verify_peer),
         )
         return trio.run(_run, config, args.export_name, args)
     except (OSError, ValueError) as exc:

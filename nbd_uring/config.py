@@ -30,6 +30,17 @@ class Ordering(enum.Enum):
     """Everything goes straight to the ring; the kernel decides (the seed's NOTE, opt-in)."""
 
 
+class TlsMode(enum.Enum):
+    """The spec's TLS modes, by what a plaintext client may still do."""
+
+    OFF = "off"
+    """NOTLS: STARTTLS gets NBD_REP_ERR_POLICY."""
+    ON = "on"
+    """STARTTLS upgrades; plaintext clients are served too (except exports requiring TLS)."""
+    REQUIRE = "require"
+    """FORCEDTLS: nothing but STARTTLS and ABORT before TLS."""
+
+
 # Fault rules (``--fault``); the syntax is documented in nbd_uring.engine.faults.
 OPS = ("read", "write", "flush", "trim", "zero")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -138,8 +149,16 @@ class ExportConfig:
     allow: tuple[str, ...] = ()
     """Client networks (CIDR or address) allowed to use this export; empty means anyone."""
     max_connections: int | None = None
+    tls_required: bool = False
+    """Listed and usable only after STARTTLS (SELECTIVETLS for this export)."""
+    allow_tls_names: tuple[str, ...] = ()
+    """Client certificate subject common names (CN) allowed to use this export; empty means
+    any client. Non-empty implies ``tls_required`` and needs verified client certificates."""
 
     def __post_init__(self) -> None:
+        for name in self.allow_tls_names:
+            if not name or "\0" in name:
+                raise ValueError(f"allowed TLS name {name!r} must be a non-empty common name")
         for network in self.allow:
             ipaddress.ip_network(network, strict=False)
         if len(self.name.encode()) > 4096:
@@ -168,8 +187,17 @@ class ServerConfig:
     """Client networks allowed to connect at all; empty means anyone."""
     metrics: str | None = None
     """``HOST:PORT`` for the Prometheus metrics endpoint."""
+    tls: TlsMode = TlsMode.OFF
+    tls_cert: str | None = None
+    """PEM server certificate (chain), for ``tls`` on or require."""
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    """PEM CA certificate(s) client certificates must be signed by (``tls_verify_peer``)."""
+    tls_verify_peer: bool = False
+    """Require a client certificate signed by ``tls_ca`` in the TLS handshake."""
 
     def __post_init__(self) -> None:
+        self._check_tls()
         for network in self.allow:
             ipaddress.ip_network(network, strict=False)
         if not self.exports:
@@ -181,3 +209,21 @@ class ServerConfig:
             raise ValueError("nothing to listen on: give a TCP port or a Unix socket path")
         if self.max_bytes_in_flight < 32 * 1024 * 1024:
             raise ValueError("max_bytes_in_flight must hold at least one 32 MiB request")
+
+    def _check_tls(self) -> None:
+        if self.tls is not TlsMode.OFF and (self.tls_cert is None or self.tls_key is None):
+            raise ValueError(f"tls {self.tls.value} needs a server certificate and key")
+        if self.tls_verify_peer and self.tls_ca is None:
+            raise ValueError("verifying client certificates needs the CA that signs them")
+        for export in self.exports:
+            if self.tls is TlsMode.OFF and (export.tls_required or export.allow_tls_names):
+                raise ValueError(f"export {export.name!r} requires TLS, but TLS is off")
+            if export.allow_tls_names and not self.tls_verify_peer:
+                raise ValueError(
+                    f"export {export.name!r} allows TLS names, which needs verified client "
+                    "certificates (tls-verify-peer)"
+                )
+
+    def export_needs_tls(self, export: ExportConfig) -> bool:
+        """Whether a plaintext client is refused this export."""
+        return self.tls is TlsMode.REQUIRE or export.tls_required or bool(export.allow_tls_names)

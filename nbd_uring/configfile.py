@@ -9,6 +9,11 @@
     max-connections = 1000
     allow = ["127.0.0.0/8", "::1"]
     metrics = "127.0.0.1:9109"
+    tls = "on"                    # off | on | require (FORCEDTLS: no plaintext options)
+    tls-cert = "/etc/nbd-uring/server-cert.pem"
+    tls-key = "/etc/nbd-uring/server-key.pem"
+    tls-ca = "/etc/nbd-uring/ca-cert.pem"
+    tls-verify-peer = true        # clients need a certificate signed by tls-ca
 
     [exports.disk]                # the export's name; [exports.""] is the default export
     path = "/srv/disk.img"
@@ -21,6 +26,8 @@
     writeback-limit = "64M"
     allow = ["10.0.0.0/8"]
     max-connections = 16
+    tls = "require"               # this export only after STARTTLS (needs [server] tls)
+    allow-tls-names = ["client1"] # client certificate CNs allowed (implies tls = "require")
 
 Only ``tomllib`` (stdlib) is used; unknown keys are errors, so a typo never goes unnoticed.
 """
@@ -33,7 +40,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from nbd_uring.config import Durability, ExportConfig, Ordering, ServerConfig
+from nbd_uring.config import Durability, ExportConfig, Ordering, ServerConfig, TlsMode
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([bkmgtp]?)(?:i?b)?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
@@ -87,7 +94,19 @@ def _networks(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _enum(kind: type[Durability] | type[Ordering]) -> Callable[[Any], Any]:
+def _names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"expected a list of certificate common names, got {value!r}")
+    return tuple(value)
+
+
+def _export_tls(value: Any) -> bool:
+    if value in ("on", "require"):
+        return bool(value == "require")
+    raise ValueError(f"expected on | require, got {value!r}")
+
+
+def _enum(kind: type[Durability] | type[Ordering] | type[TlsMode]) -> Callable[[Any], Any]:
     def convert(value: Any) -> Any:
         try:
             return kind(value)
@@ -108,6 +127,11 @@ _SERVER_KEYS: Mapping[str, _Key] = {
     "max-connections": _Key(_typed(int, "a number"), "max_connections"),
     "allow": _Key(_networks, "allow"),
     "metrics": _Key(_typed(str, "HOST:PORT"), "metrics"),
+    "tls": _Key(_enum(TlsMode), "tls"),
+    "tls-cert": _Key(_typed(str, "a PEM certificate path"), "tls_cert"),
+    "tls-key": _Key(_typed(str, "a PEM key path"), "tls_key"),
+    "tls-ca": _Key(_typed(str, "a PEM CA certificate path"), "tls_ca"),
+    "tls-verify-peer": _Key(_typed(bool, "true or false"), "tls_verify_peer"),
 }
 _EXPORT_KEYS: Mapping[str, _Key] = {
     "path": _Key(_typed(str, "a file or device path"), "path"),
@@ -122,6 +146,8 @@ _EXPORT_KEYS: Mapping[str, _Key] = {
     "max-connections": _Key(_typed(int, "a number"), "max_connections"),
     "inline-writes": _Key(_typed(bool, "true or false"), "inline_writes"),
     "direct": _Key(_typed(bool, "true or false"), "direct"),
+    "tls": _Key(_export_tls, "tls_required"),
+    "allow-tls-names": _Key(_names, "allow_tls_names"),
 }
 
 
@@ -207,6 +233,7 @@ def load_config(text: str, source: str = "<config>") -> ServerConfig:
         fields = _section(table, _EXPORT_KEYS, where, locate, source)
         if "path" not in fields:
             raise ConfigError(source, locate.table(*where), f"export {name!r} has no path")
+        _check_export_tls(fields, server, where, locate, source)
         try:
             exports.append(ExportConfig(name=name, **fields))
         except ValueError as exc:
@@ -214,9 +241,44 @@ def load_config(text: str, source: str = "<config>") -> ServerConfig:
     if "unix_path" in server and "port" not in server and "bind" not in server:
         server["port"] = server["bind"] = None
     try:
-        return ServerConfig(exports=tuple(exports), **server)
+        config = ServerConfig(exports=tuple(exports), **server)
     except ValueError as exc:
         raise ConfigError(source, locate.table("server"), str(exc)) from None
+    if config.tls is not TlsMode.OFF:
+        _check_tls_files(config, locate, source)
+    return config
+
+
+def _check_export_tls(
+    fields: dict[str, Any],
+    server: dict[str, Any],
+    where: tuple[str, ...],
+    locate: _Locator,
+    source: str,
+) -> None:
+    """Point at the export key that needs a TLS setting [server] lacks."""
+    for key, field in (("tls", "tls_required"), ("allow-tls-names", "allow_tls_names")):
+        if fields.get(field) and server.get("tls", TlsMode.OFF) is TlsMode.OFF:
+            raise ConfigError(
+                source, locate.key(where, key), f"{key} needs TLS on the server ([server] tls)"
+            )
+    if fields.get("allow_tls_names") and not server.get("tls_verify_peer"):
+        raise ConfigError(
+            source,
+            locate.key(where, "allow-tls-names"),
+            "allow-tls-names needs verified client certificates ([server] tls-verify-peer)",
+        )
+
+
+def _check_tls_files(config: ServerConfig, locate: _Locator, source: str) -> None:
+    """Load the certificate, key and CA now, so check-config catches what serve would."""
+    from nbd_uring.server.tls import TlsConfigError, server_context
+
+    try:
+        server_context(config)
+    except TlsConfigError as exc:
+        key = exc.setting.replace("_", "-")
+        raise ConfigError(source, locate.key(("server",), key), str(exc)) from None
 
 
 def load_config_file(path: str) -> ServerConfig:

@@ -48,6 +48,7 @@ from nbd_uring.protocol import (
     nbd_errno_for,
     payload_length,
 )
+from nbd_uring.server.tls import TlsError, TlsSocket, TlsTransport
 
 Completion = Callable[[int], None]
 
@@ -157,9 +158,17 @@ class Connection:
         self._quiet = False
         """The reader is between a receive and its flush: queued replies need no wake-up of
         the writer, the reader sends them itself before it next waits."""
-        self._raw: socket.socket | None = None
-        """The connection's socket as a plain non-blocking socket, for sends and receives
-        that need no Trio checkpoint when they succeed at once."""
+        self._raw: socket.socket | TlsTransport | None = None
+        """The connection's socket as a plain non-blocking socket (or its TLS transport), for
+        sends and receives that need no Trio checkpoint when they succeed at once."""
+        self._io: trio.socket.SocketType | TlsSocket = sock
+        """What negotiation and the slow paths await: the Trio socket, or TLS over it."""
+        self._tls: TlsTransport | None = None
+        self._unflushed: Callable[[], bool] | None = None
+        """With TLS: pushes ciphertext queued in the transport, True while some is left."""
+        self.tls_established = False
+        self.tls_name: str | None = None
+        """The verified client certificate's subject CN, for per-export TLS name lists."""
         self._budget = _Budget(server.config.max_bytes_in_flight, server.config.max_in_flight)
         self._leftover = b""
         self.info: ExportInfo | None = None
@@ -185,11 +194,15 @@ class Connection:
                 await self._transmit()
         except ProtocolViolation as exc:
             log.warning("%s: closing connection: %s", self.peer, exc.message)
+        except TlsError as exc:
+            log.warning("%s: closing connection: TLS handshake failed: %s", self.peer, exc)
         except ClientGone as exc:
             log.info("%s: client went away%s", self.peer, f" ({exc})" if str(exc) else "")
         finally:
             self.closed = True
             self._drop_pending_replies()
+            if self._tls is not None:
+                self._tls.close()
             self.sock.close()
             if self.export is not None:
                 self.server.export_released(self.export)
@@ -197,7 +210,7 @@ class Connection:
 
     async def _recv(self, nbytes: int) -> bytes:
         try:
-            data = await self.sock.recv(nbytes)
+            data = await self._io.recv(nbytes)
         except _PEER_GONE as exc:
             raise ClientGone(str(exc)) from None
         return data
@@ -206,7 +219,7 @@ class Connection:
         view = memoryview(data)
         try:
             while view:
-                sent = await self.sock.send(view)
+                sent = await self._io.send(view)
                 view = view[sent:]
         except _PEER_GONE as exc:
             raise ClientGone(str(exc)) from None
@@ -221,7 +234,11 @@ class Connection:
             address = None
         if self.sock.family == socket.AF_UNIX:
             address = None
-        hs = ServerHandshake(*server.policy_for(address))
+        hs = ServerHandshake(
+            *server.policy_for(address, self),
+            tls_available=server.tls_context is not None,
+            tls_required=server.tls_required,
+        )
         with trio.move_on_after(server.config.handshake_timeout_s) as scope:
             while True:
                 out = hs.data_to_send()
@@ -232,6 +249,10 @@ class Connection:
                 if hs.state is HandshakeState.CLOSED:
                     log.info("%s: negotiation ended: %s", self.peer, hs.close_reason)
                     return False
+                if hs.state is HandshakeState.STARTTLS:
+                    await self._start_tls(hs.unused_data)
+                    hs.tls_started()
+                    continue
                 data = await self._recv(HANDSHAKE_RECV)
                 if not data:
                     raise ClientGone("during negotiation")
@@ -257,9 +278,33 @@ class Connection:
         log.info("%s: export %r chosen, transmission begins", self.peer, hs.export.name)
         return True
 
+    async def _start_tls(self, early: bytes) -> None:
+        """The TLS handshake after STARTTLS's ACK went out; from here on all I/O goes through
+        the TLS transport."""
+        if early:
+            raise ProtocolViolation(
+                f"client sent {len(early)} bytes after NBD_OPT_STARTTLS without waiting for "
+                "the TLS handshake"
+            )
+        context = self.server.tls_context
+        assert context is not None
+        # Same descriptor, no dup: the transport detaches it, only self.sock ever closes it.
+        raw = socket.socket(fileno=self.sock.fileno())
+        self._tls = TlsTransport(context, raw)
+        await self._tls.handshake()
+        self._io = TlsSocket(self._tls)
+        self._unflushed = self._tls.unflushed
+        self.tls_name = self._tls.peer_common_name
+        self.tls_established = True
+        log.info("%s: TLS established (%s)", self.peer, self._tls.describe())
+
     # -- transmission -------------------------------------------------------------------
 
     async def _transmit(self) -> None:
+        if self._tls is not None:
+            self._raw = self._tls
+            await self._transmit_phase()
+            return
         # Same descriptor, no dup: detached below so that only self.sock ever closes it.
         self._raw = socket.socket(fileno=self.sock.fileno())
         try:
@@ -461,7 +506,7 @@ class Connection:
     async def _recv_exactly(self, view: memoryview) -> None:
         while view:
             try:
-                n = await self.sock.recv_into(view)
+                n = await self._io.recv_into(view)
             except _PEER_GONE as exc:
                 raise ClientGone(str(exc)) from None
             if n == 0:
@@ -481,7 +526,7 @@ class Connection:
             # Only reached once the buffer is used up, so it serves as the scratch space.
             pos = end = 0
             try:
-                n = await self.sock.recv_into(mv[: min(nbytes, len(mv))])
+                n = await self._io.recv_into(mv[: min(nbytes, len(mv))])
             except _PEER_GONE as exc:
                 raise ClientGone(str(exc)) from None
             if n == 0:
@@ -794,6 +839,8 @@ class Connection:
                     iov[done] = memoryview(iov[done])[sent:]
                     sent = 0
             del iov[:done]
+        if self._unflushed is not None and self._unflushed():
+            return False
         sending, self._sending = self._sending, []
         release = self._budget.release
         for data, nbytes in sending:

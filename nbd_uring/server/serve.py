@@ -12,16 +12,17 @@ import ipaddress
 import logging
 import os
 import socket
+import ssl
 import stat
 import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
-from nbd_uring.config import ExportConfig, ServerConfig
+from nbd_uring.config import ExportConfig, ServerConfig, TlsMode
 from nbd_uring.engine.buffers import BufferPool
 from nbd_uring.engine.export import Export
 from nbd_uring.engine.faults import FaultInjector
@@ -29,6 +30,7 @@ from nbd_uring.engine.ring import Ring
 from nbd_uring.protocol import ExportInfo, OptionError, Rep, transmission_flags_for
 from nbd_uring.server.connection import Connection, set_nodelay
 from nbd_uring.server.metrics import Collector, Stats, serve_metrics
+from nbd_uring.server.tls import server_context
 
 log = logging.getLogger("nbd_uring.server")
 
@@ -40,6 +42,13 @@ class ServedExport:
     info: ExportInfo
     backend: Export
     config: ExportConfig
+
+
+class TlsClient(Protocol):
+    """What export policy needs to know of a client's TLS state (a Connection)."""
+
+    tls_established: bool
+    tls_name: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +130,11 @@ class Server:
         self._inherited = list(listen_sockets)
         self._allow = _networks(config.allow)
         self._export_allow = {e.name: _networks(e.allow) for e in config.exports}
+        self.tls_context: ssl.SSLContext | None = None
+        """None: TLS off, STARTTLS is refused."""
+        if config.tls is not TlsMode.OFF:
+            self.tls_context = server_context(config)
+        self.tls_required = config.tls is TlsMode.REQUIRE
         self.connections = 0
         self.draining = False
         """Set by :meth:`begin_shutdown`: new requests get ESHUTDOWN, options ERR_SHUTDOWN."""
@@ -134,7 +148,11 @@ class Server:
         self.exports_by_name: dict[str, ServedExport] = {}
         try:
             for cfg in config.exports:
-                self.exports_by_name[cfg.name] = _open_export(self.ring, cfg)
+                served = _open_export(self.ring, cfg)
+                if config.export_needs_tls(cfg):
+                    info = dataclasses.replace(served.info, tls_required=True)
+                    served = dataclasses.replace(served, info=info)
+                self.exports_by_name[cfg.name] = served
         except BaseException:
             self.close()
             raise
@@ -153,16 +171,30 @@ class Server:
         return [served.info for served in self.exports_by_name.values()]
 
     def policy_for(
-        self, address: str | None
+        self, address: str | None, client: TlsClient | None = None
     ) -> tuple[Callable[[str], ExportInfo | None], Callable[[], Sequence[ExportInfo]]]:
         """The export lookup and listing one client may see: exports whose allow list
-        excludes ``address``, or that are at their connection limit, are refused with
-        ERR_POLICY (and not listed when the address is the reason)."""
+        excludes ``address``, or (once TLS is up) whose TLS name list excludes the client
+        certificate's CN, or that are at their connection limit, are refused with ERR_POLICY
+        (and not listed when the address or name is the reason). Before TLS, exports that
+        need it are left to the handshake, which answers ERR_TLS_REQD."""
 
-        def refusal(served: ServedExport) -> str | None:
+        def unlisted(served: ServedExport) -> str | None:
             name = served.config.name
             if not _allowed(address, self._export_allow[name]):
                 return f"export {name!r} is not available to {address}"
+            names = served.config.allow_tls_names
+            if names and client is not None and client.tls_established:
+                if client.tls_name not in names:
+                    who = f"CN={client.tls_name}" if client.tls_name else "without a CN"
+                    return f"export {name!r} is not available to the TLS client {who}"
+            return None
+
+        def refusal(served: ServedExport) -> str | None:
+            name = served.config.name
+            reason = unlisted(served)
+            if reason is not None:
+                return reason
             limit = served.config.max_connections
             if limit is not None and self.export_connections[name] >= limit:
                 return f"export {name!r} has reached its limit of {limit} connections"
@@ -181,9 +213,7 @@ class Server:
 
         def listing() -> Sequence[ExportInfo]:
             return [
-                served.info
-                for served in self.exports_by_name.values()
-                if _allowed(address, self._export_allow[served.config.name])
+                served.info for served in self.exports_by_name.values() if unlisted(served) is None
             ]
 
         return lookup, listing
