@@ -17,6 +17,7 @@ PACKAGES=(
     nbd-server
     nbd-client
     systemd             # systemd-socket-activate for the socket-activation test
+    openssl             # certificates made by tests/integration/test_tls.py
     # tests/kernel: the kernel NBD client in a qemu TCG guest (which also downloads Debian's
     # kernel package with apt-get download, into /var/cache/nbd-uring-vm)
     qemu-system-x86     # qemu-system-x86_64

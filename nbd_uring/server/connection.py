@@ -288,9 +288,7 @@ class Connection:
             )
         context = self.server.tls_context
         assert context is not None
-        # Same descriptor, no dup: the transport detaches it, only self.sock ever closes it.
-        raw = socket.socket(fileno=self.sock.fileno())
-        self._tls = TlsTransport(context, raw)
+        self._tls = TlsTransport(context, self.sock.fileno())
         await self._tls.handshake()
         self._io = TlsSocket(self._tls)
         self._unflushed = self._tls.unflushed

@@ -55,15 +55,18 @@ class TlsClient(Protocol):
 class ListenAddress:
     family: socket.AddressFamily
     address: Any
+    tls: bool = False
+    """TLS is required: the URI scheme is ``nbds``."""
 
     @property
     def uri_base(self) -> str:
+        scheme = "nbds" if self.tls else "nbd"
         if self.family == socket.AF_UNIX:
-            return f"nbd+unix://{{export}}?socket={self.address}"
+            return f"{scheme}+unix://{{export}}?socket={self.address}"
         host, port = self.address[0], self.address[1]
         if self.family == socket.AF_INET6:
             host = f"[{host}]"
-        return f"nbd://{host}:{port}{{export}}"
+        return f"{scheme}://{host}:{port}{{export}}"
 
     def uri(self, export_name: str) -> str:
         return self.uri_base.format(export="/" + urllib.parse.quote(export_name))
@@ -291,7 +294,9 @@ class Server:
             for inherited in self._inherited:
                 sock = trio.socket.from_stdlib_socket(inherited)
                 socks.append(sock)
-                self.addresses.append(ListenAddress(sock.family, sock.getsockname()))
+                self.addresses.append(
+                    ListenAddress(sock.family, sock.getsockname(), self.tls_required)
+                )
             return socks
         try:
             if cfg.unix_path is not None:
@@ -300,7 +305,9 @@ class Server:
                 socks.append(sock)
                 await sock.bind(cfg.unix_path)
                 sock.listen(128)
-                self.addresses.append(ListenAddress(socket.AF_UNIX, cfg.unix_path))
+                self.addresses.append(
+                    ListenAddress(socket.AF_UNIX, cfg.unix_path, self.tls_required)
+                )
             if cfg.port is not None:
                 infos = await trio.socket.getaddrinfo(
                     cfg.bind, cfg.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -313,7 +320,9 @@ class Server:
                         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                     await sock.bind(addr)
                     sock.listen(128)
-                    self.addresses.append(ListenAddress(family, sock.getsockname()))
+                    self.addresses.append(
+                        ListenAddress(family, sock.getsockname(), self.tls_required)
+                    )
         except BaseException:
             for sock in socks:
                 sock.close()

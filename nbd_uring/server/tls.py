@@ -83,11 +83,12 @@ class TlsTransport:
     writer waits for writability until it is empty.
     """
 
-    def __init__(self, context: ssl.SSLContext, sock: socket.socket) -> None:
-        self._sock = sock
+    def __init__(self, context: ssl.SSLContext, fileno: int) -> None:
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self._ssl = context.wrap_bio(self._in, self._out, server_side=True)
+        # Same descriptor, no dup: close() detaches it, only the owner's socket closes it.
+        self._sock = socket.socket(fileno=fileno)
         self._pending = memoryview(b"")
         """Ciphertext the socket has not accepted yet."""
         self._eof = False

@@ -322,8 +322,10 @@ def start_server(
 
 
 def _port_from_uri(uri: str) -> int | None:
-    prefix = "nbd://127.0.0.1:"
-    if not uri.startswith(prefix):
+    for prefix in ("nbd://127.0.0.1:", "nbds://127.0.0.1:"):
+        if uri.startswith(prefix):
+            break
+    else:
         return None
     rest = uri[len(prefix) :].split("/", 1)[0]
     return int(rest) if rest.isdigit() else None

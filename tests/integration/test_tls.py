@@ -191,6 +191,7 @@ def _wait_for_log(server: Server, text: str, timeout: float = CLOSE_BOUND) -> st
 
 def test_nbdinfo_over_tls(start_nbd_server: StartServer, certs: Certs) -> None:
     server = start_nbd_server(tcp=True, extra_args=certs.server_args())
+    assert server.uri == f"nbds://127.0.0.1:{server.port}/"  # --print-uri under FORCEDTLS
     out = run(["nbdinfo", _nbds(server, certs.anonymous)]).stdout
     assert "with TLS" in out
     out = run(["nbdinfo", "--list", _nbds(server, certs.anonymous)]).stdout
