@@ -211,6 +211,22 @@ class ServerConfig:
             raise ValueError("max_bytes_in_flight must hold at least one 32 MiB request")
 
     def _check_tls(self) -> None:
+        if self.tls is TlsMode.OFF:
+            given = [
+                name
+                for name, value in (
+                    ("certificate", self.tls_cert),
+                    ("key", self.tls_key),
+                    ("CA", self.tls_ca),
+                    ("verify-peer", self.tls_verify_peer or None),
+                )
+                if value is not None
+            ]
+            if given:
+                # Serving plaintext to someone who configured certificates would be a surprise.
+                raise ValueError(
+                    f"TLS {', '.join(given)} given but TLS is off: set tls to on or require"
+                )
         if self.tls is not TlsMode.OFF and (self.tls_cert is None or self.tls_key is None):
             raise ValueError(f"tls {self.tls.value} needs a server certificate and key")
         if self.tls_verify_peer and self.tls_ca is None:

@@ -289,7 +289,10 @@ class Connection:
         context = self.server.tls_context
         assert context is not None
         self._tls = TlsTransport(context, self.sock.fileno())
-        await self._tls.handshake()
+        try:
+            await self._tls.handshake()
+        except OSError as exc:
+            raise ClientGone(f"during the TLS handshake: {exc}") from None
         self._io = TlsSocket(self._tls)
         self._unflushed = self._tls.unflushed
         self.tls_name = self._tls.peer_common_name

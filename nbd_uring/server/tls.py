@@ -92,6 +92,8 @@ class TlsTransport:
         self._pending = memoryview(b"")
         """Ciphertext the socket has not accepted yet."""
         self._eof = False
+        self._error: OSError | None = None
+        """Why the socket stopped taking ciphertext, raised by the next sendmsg."""
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -139,8 +141,15 @@ class TlsTransport:
         return True
 
     def unflushed(self) -> bool:
-        """Push queued ciphertext; True if some is still waiting for the socket."""
-        return not self._push()
+        """Push queued ciphertext; True if some is still waiting for the socket. A dead socket
+        has nothing waiting: the error is kept for the next sendmsg, and the reader sees it
+        too, so the writer never has to handle it here."""
+        try:
+            return not self._push()
+        except OSError as exc:
+            self._error = exc
+            self._pending = memoryview(b"")
+            return False
 
     def recv_into(self, buffer: memoryview | bytearray) -> int:
         """Decrypted bytes into ``buffer``; 0 at end of stream; BlockingIOError when no whole
@@ -160,6 +169,8 @@ class TlsTransport:
     def sendmsg(self, buffers: Iterable[Buffer]) -> int:
         """Encrypt up to SEND_CHUNK bytes of ``buffers``; how many were taken. BlockingIOError
         while earlier ciphertext is still queued, so the queue stays bounded."""
+        if self._error is not None:
+            raise self._error
         if not self._push():
             raise BlockingIOError
         taken = 0

@@ -602,3 +602,87 @@ def test_client_hello_then_silence_is_closed_at_the_handshake_timeout(
         _wait_for_log(tls_server, "handshake not finished within")
     finally:
         c.sock.close()
+
+
+def test_client_reset_during_the_tls_handshake_is_logged_not_a_crash(
+    tls_server: Server, certs: Certs, tls_bystander: nbd.NBD
+) -> None:
+    c = rc.handshake_only(tls_server.address)
+    (ack,) = c.option(rc.OPT_STARTTLS)
+    assert ack.rep == rc.REP_ACK
+    tls = _client_context(certs).wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO())
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    c.sock.sendall(out.read())
+    time.sleep(0.2)  # the server has answered with its flight by now
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.sock.close()  # RST
+    log = _wait_for_log(tls_server, "connection closed")
+    assert "Traceback" not in log
+
+
+def test_corrupt_tls_record_in_transmission_is_closed(
+    tls_server: Server, certs: Certs, tls_bystander: nbd.NBD
+) -> None:
+    """After the export is chosen the reader runs over the TLS transport: a record that does
+    not decrypt ends that connection only, promptly and without spinning."""
+    c = rc.handshake_only(tls_server.address)
+    try:
+        _starttls(c, _client_context(certs))
+        assert c.go()[-1].rep == rc.REP_ACK
+        assert c.read(0, 4096) == bytes(4096)
+        raw = socket.socket(fileno=os.dup(c.sock.fileno()))
+        raw.sendall(b"\x17\x03\x03\x00\x40" + os.urandom(64))  # application data, bad MAC
+        assert _closed_within(raw, CLOSE_BOUND)
+        before = _cpu_ticks(tls_server.pid)
+        time.sleep(1.0)
+        assert _cpu_ticks(tls_server.pid) - before <= 5
+        raw.close()
+    finally:
+        c.sock.close()
+
+
+# --- command line and check-config ---------------------------------------------------------
+
+
+def _nbd_uring(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "nbd_uring", *args],
+        capture_output=True, text=True, timeout=60, env=env, check=False,
+    )  # fmt: skip
+
+
+def test_cli_refuses_incomplete_tls_settings(certs: Certs, tmp_path: Path) -> None:
+    disk = tmp_path / "d.img"
+    result = _nbd_uring("serve", str(disk), "--size", "1M", "--create", "--tls", "require")
+    assert result.returncode == 1
+    assert "needs a server certificate and key" in result.stderr
+    result = _nbd_uring(
+        "serve", str(disk), "--size", "1M", "--create", *certs.server_args(),
+        "--allow-tls-name", "client1",
+    )  # fmt: skip
+    assert result.returncode == 1 and "tls-verify-peer" in result.stderr
+    result = _nbd_uring(
+        "serve", str(disk), "--size", "1M", "--create", "--tls", "on",
+        "--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", str(certs.server_key),
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "missing.pem: No such file or directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_config_loads_the_certificates(certs: Certs, tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    text = (
+        f'[server]\ntls = "require"\ntls-cert = "{certs.server_cert}"\n'
+        f'tls-key = "{certs.server_key}"\ntls-ca = "{certs.ca}"\ntls-verify-peer = true\n'
+        '[exports.a]\npath = "/x"\nallow-tls-names = ["client1"]\n'
+    )
+    config.write_text(text)
+    ok = _nbd_uring("check-config", str(config))
+    assert ok.returncode == 0 and "OK (1 export(s)" in ok.stdout, ok.stderr
+    config.write_text(text.replace(str(certs.server_key), str(certs.server_cert)))
+    bad = _nbd_uring("check-config", str(config))
+    assert bad.returncode == 1
+    assert f"{config}:3: cannot load TLS certificate" in bad.stderr

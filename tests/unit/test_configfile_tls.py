@@ -59,6 +59,7 @@ def test_require_mode_makes_every_export_need_tls(pem: tuple[Path, Path]) -> Non
         ('[server]\ntls = "maybe"\n[exports.a]\npath = "/x"\n', 2, "off | on | require"),
         ('[server]\ntls = "on"\n[exports.a]\npath = "/x"\n', 1, "certificate and key"),
         ('[server]\ntls-verify-peer = 1\n[exports.a]\npath = "/x"\n', 2, "true or false"),
+        ('[server]\ntls-cert = "/c"\n[exports.a]\npath = "/x"\n', 1, "TLS is off"),
         ('[exports.a]\npath = "/x"\ntls = "require"\n', 3, "needs TLS on the server"),
         ('[exports.a]\npath = "/x"\ntls = "yes"\n', 3, "on | require"),
         ('[exports.a]\npath = "/x"\nallow-tls-names = "c1"\n', 3, "common names"),
@@ -109,6 +110,9 @@ def test_server_config_validates_tls_combinations() -> None:
     with pytest.raises(ValueError, match="certificate and key"):
         ServerConfig(exports=(export,), tls=TlsMode.REQUIRE, tls_cert="/c")
     with pytest.raises(ValueError, match="CA"):
-        ServerConfig(exports=(export,), tls_verify_peer=True)
+        ServerConfig(exports=(export,), tls=TlsMode.ON, tls_cert="/c", tls_key="/k",
+                     tls_verify_peer=True)  # fmt: skip
+    with pytest.raises(ValueError, match="certificate, key given but TLS is off"):
+        ServerConfig(exports=(export,), tls_cert="/c", tls_key="/k")
     with pytest.raises(ValueError, match="TLS is off"):
         ServerConfig(exports=(ExportConfig(path="/x", tls_required=True),))
