@@ -9,6 +9,8 @@
     max-connections = 1000
     allow = ["127.0.0.0/8", "::1"]
     metrics = "127.0.0.1:9109"
+    max-bytes-in-flight = "128M"  # per connection; past it the server stops reading the socket
+    max-requests-in-flight = 256  # per connection, likewise
 
     [exports.disk]                # the export's name; [exports.""] is the default export
     path = "/srv/disk.img"
@@ -108,6 +110,8 @@ _SERVER_KEYS: Mapping[str, _Key] = {
     "max-connections": _Key(_typed(int, "a number"), "max_connections"),
     "allow": _Key(_networks, "allow"),
     "metrics": _Key(_typed(str, "HOST:PORT"), "metrics"),
+    "max-bytes-in-flight": _Key(size_value, "max_bytes_in_flight"),
+    "max-requests-in-flight": _Key(_typed(int, "a number"), "max_in_flight"),
 }
 _EXPORT_KEYS: Mapping[str, _Key] = {
     "path": _Key(_typed(str, "a file or device path"), "path"),
