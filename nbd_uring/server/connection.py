@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import socket
 import struct
@@ -329,7 +330,9 @@ class Connection:
         raw = self._raw
         assert raw is not None
         eager = 0
-        buf = bytearray(RECV_SIZE)
+        # Anonymous memory costs RSS only where touched: an idle connection holds one page of
+        # it, not 256 KiB (a bytearray is zeroed, so touched, at once).
+        buf = mmap.mmap(-1, RECV_SIZE)
         mv = memoryview(buf)
         end = len(self._leftover)
         buf[:end] = self._leftover
