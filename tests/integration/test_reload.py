@@ -5,15 +5,25 @@ from __future__ import annotations
 
 import random
 import signal
+import socket
 import struct
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from ._libnbd import connect, nbd
-from ._util import MiB, Server, StartServer, expected_uri, is_nbdkit, make_sparse
+from ._util import (
+    MiB,
+    Server,
+    StartServer,
+    expected_uri,
+    free_tcp_port,
+    is_nbdkit,
+    make_sparse,
+)
 from .test_malformed import (
     CMD_READ,
     CMD_WRITE,
@@ -235,3 +245,44 @@ def test_sighup_with_a_bad_config_keeps_the_running_one(
     assert list_exports(RawClient(server)) == [b"disk"]
     with connect(uri) as h:
         assert h.pread(512, 0) == b"a" * 512
+
+
+def test_sighup_notifies_systemd_and_metrics_follow(
+    start_nbd_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sd_notify gets RELOADING=1 (with MONOTONIC_USEC, as Type=notify-reload wants) and then
+    READY=1 around a reload; the metrics list the exports of the running configuration, and
+    a connection to an export that changed only its description stays counted."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify_path = tmp_path / "notify.sock"
+    notify.bind(str(notify_path))
+    notify.settimeout(15)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify_path))
+    port = free_tcp_port()
+    a = make_sparse(tmp_path / "a.img", 4 * MiB)
+    b = make_sparse(tmp_path / "b.img", 4 * MiB)
+    config = tmp_path / "reload.toml"
+    config.write_text(export_table("a", a))
+    server = start_nbd_server(config=config, extra_args=("--metrics", f"127.0.0.1:{port}"))
+    assert notify.recv(4096) == b"READY=1"
+
+    def metrics() -> str:
+        url = f"http://127.0.0.1:{port}/metrics"
+        return urllib.request.urlopen(url, timeout=10).read().decode()
+
+    client = RawClient(server).handshake(b"a")
+    assert 'nbd_uring_connections{export="a"} 1.0' in metrics()
+    reload(
+        server, config, export_table("a", a, 'description = "x"') + export_table("b", b),
+        "reload: export 'b' added",
+    )
+    assert notify.recv(4096).startswith(b"RELOADING=1\nMONOTONIC_USEC=")
+    assert notify.recv(4096) == b"READY=1"
+    text = metrics()
+    assert 'nbd_uring_connections{export="a"} 1.0' in text
+    assert 'nbd_uring_connections{export="b"} 0.0' in text
+    reload(server, config, export_table("b", b), "reload: export 'a' removed")
+    expect_closed(client.sock)
+    text = metrics()
+    assert 'export="a"' not in text and 'nbd_uring_connections{export="b"} 0.0' in text
+    notify.close()
