@@ -161,3 +161,26 @@ def test_thousand_slow_32m_writes_keep_memory_bounded(
     with disk.open("rb") as f:
         assert f.read(32 * MiB) == b"p" * (32 * MiB)
     assert time.monotonic() - started < 60
+
+
+def test_requests_in_flight_cap(start_nbd_server: StartServer) -> None:
+    """With --max-requests-in-flight 4 and every READ held 300 ms, twelve pipelined READs are
+    answered in waves of four: the server reads the fifth only once a reply has gone out."""
+    server = start_nbd_server(
+        size=8 * MiB,
+        extra_args=("--max-requests-in-flight", "4", "--fault", "read:delay=300ms"),
+    )
+    sock = connect(server)
+    negotiate(sock)
+    start = time.monotonic()
+    sock.sendall(b"".join(header(CMD_READ, i, i * 4096, 4096) for i in range(12)))
+    times = []
+    for _ in range(12):
+        _cookie, error, _data = read_reply(sock, 4096)
+        assert error == 0
+        times.append(time.monotonic() - start)
+    sock.sendall(header(CMD_DISC, 0, 0, 0))
+    sock.close()
+    print(f"\nreply times: {' '.join(f'{t:.2f}' for t in times)}")
+    # Three waves of 300 ms; without the cap all twelve would be answered after one.
+    assert times[11] > 0.85 and times[11] - times[3] > 0.5, times
