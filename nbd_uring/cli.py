@@ -33,6 +33,7 @@ from nbd_uring.config import (
 
 if TYPE_CHECKING:
     from nbd_uring.kernel import AttachConfig
+    from nbd_uring.server import Server
 
 log = logging.getLogger("nbd_uring")
 
@@ -273,7 +274,7 @@ def _write_pidfile(path: str) -> None:
     os.replace(tmp, path)
 
 
-def _reload(server: Any, args: argparse.Namespace) -> None:
+def _reload(server: Server, args: argparse.Namespace) -> None:
     """SIGHUP: re-read --config (command-line options still override it) and apply it; a
     file that does not parse or validate is logged and the running configuration stays."""
     from nbd_uring.server.systemd import notify

@@ -59,6 +59,8 @@ class ExportState:
         """Connections in transmission on this backend."""
         self.retired: str | None = None
         """Why the export is going away (removed or replaced by a reload); None while served."""
+        self.closing = False
+        """Its last client is gone and the file is being synced and closed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,14 +372,16 @@ class Server:
 
     def _close_retired(self, served: ServedExport) -> None:
         """Once its last client is gone: let the export's I/O finish, sync it, close it."""
+        retiring = self._retiring.get(served.state)
+        if retiring is None or served.state.closing:
+            return
         if self._nursery is None or self.ring.closed:
             return  # Server.close does it
-        self._nursery.start_soon(self._finish_retired, self._retiring[served.state])
+        served.state.closing = True
+        self._nursery.start_soon(self._finish_retired, retiring)
 
     async def _finish_retired(self, served: ServedExport) -> None:
         backend = served.backend
-        if self._retiring.get(served.state) is not served or backend.fd < 0:
-            return
         if not served.config.read_only:
             # A FLUSH waits for every write received before it (replied to or not, on any
             # connection), then fdatasyncs: after it nothing of this export's is left to do.
