@@ -24,7 +24,7 @@ def rss_kib(pid: int) -> int:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
+    raise RuntimeError(f"no VmRSS for {pid}: the process has exited")
 
 
 def raise_nofile(want: int) -> None:

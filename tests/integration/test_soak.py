@@ -88,6 +88,7 @@ def test_soak_busy_and_idle_clients(start_nbd_server: StartServer) -> None:
         warm: int | None = None
         while time.monotonic() - started < duration:
             time.sleep(1.0)
+            assert server.alive(), f"server exited:\n{server.stderr_text()[-3000:]}"
             samples.append((time.monotonic() - started, rss_kib(server.pid)))
             if warm is None and time.monotonic() >= warm_at:
                 warm = samples[-1][1]
