@@ -34,6 +34,7 @@ from nbd_uring.config import (
 
 if TYPE_CHECKING:
     from nbd_uring.kernel import AttachConfig
+    from nbd_uring.server import Server
 
 log = logging.getLogger("nbd_uring")
 
@@ -138,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="close connections that send no request for this long (none in flight)",
     )
     serve.add_argument(
+        "--max-bytes-in-flight", type=parse_size, metavar="SIZE",
+        help="per connection: READ and WRITE bytes in flight (replies not yet sent included) "
+        "before the server stops reading that client's socket (default 128M, at least 32M)",
+    )
+    serve.add_argument(
+        "--max-requests-in-flight", type=int, metavar="N",
+        help="per connection: requests in flight before the server stops reading (default 256)",
+    )
+    serve.add_argument(
         "--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at /metrics there"
     )
     serve.add_argument("--pidfile", metavar="PATH", help="write the process id there once ready")
@@ -236,8 +246,9 @@ async def _run(
     from nbd_uring.server import Server
     from nbd_uring.server.systemd import listen_fds, notify
 
-    # Listening for signals from the start: a SIGTERM during startup must not skip cleanup.
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    # Listening for signals from the start: a SIGTERM during startup must not skip cleanup
+    # (and a SIGHUP must not kill the process; it is handled once the server runs).
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         inherited = listen_fds()
         if inherited:
             log.info("socket activation: serving %d inherited socket(s)", len(inherited))
@@ -253,10 +264,14 @@ async def _run(
                 if args.pidfile:
                     _write_pidfile(args.pidfile)
                 notify("READY=1")
+                reload = partial(_reload, server, args)
                 if args.run:
-                    status = await _captive(args.run, addresses, export_name, signals)
+                    status = await _captive(args.run, addresses, export_name, signals, reload)
                 else:
                     async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            reload()
+                            continue
                         log.info("%s received, shutting down", signal.Signals(signum).name)
                         break
                 notify("STOPPING=1")
@@ -284,8 +299,30 @@ def _write_pidfile(path: str) -> None:
     os.replace(tmp, path)
 
 
+def _reload(server: Server, args: argparse.Namespace) -> None:
+    """SIGHUP: re-read --config (command-line options still override it) and apply it; a
+    file that does not parse or validate is logged and the running configuration stays."""
+    from nbd_uring.server.systemd import notify
+
+    if args.config is None:
+        log.warning("SIGHUP received, but there is no --config to reload; ignored")
+        return
+    log.warning("SIGHUP received, reloading %s", args.config)
+    notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    try:
+        server.reload(_config_from_file(args))
+    except (OSError, ValueError) as exc:
+        log.error("reload failed, keeping the running configuration: %s", exc)
+    finally:
+        notify("READY=1")
+
+
 async def _captive(
-    command: str, addresses: Sequence[Any], export_name: str, signals: Any
+    command: str,
+    addresses: Sequence[Any],
+    export_name: str,
+    signals: Any,
+    reload: Callable[[], None] | None = None,
 ) -> int:
     """nbdkit's --run: the server lives exactly as long as ``command``."""
     env = dict(os.environ, uri=addresses[0].uri(export_name))
@@ -302,6 +339,9 @@ async def _captive(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_command, nursery.cancel_scope)
         async for signum in signals:
+            if signum == signal.SIGHUP and reload is not None:
+                reload()
+                continue
             log.info("%s received, stopping --run command", signal.Signals(signum).name)
             nursery.cancel_scope.cancel()
             break
@@ -352,10 +392,22 @@ def _config_from_file(args: argparse.Namespace) -> ServerConfig:
         ("tls_key", args.tls_key),
         ("tls_ca", args.tls_ca),
         ("tls_verify_peer", args.tls_verify_peer),
+        ("max_bytes_in_flight", args.max_bytes_in_flight),
+        ("max_in_flight", args.max_requests_in_flight),
     ):
         if value is not None:
             overrides[field] = value
     return dataclasses.replace(config, **overrides)
+
+
+def _in_flight_limits(args: argparse.Namespace) -> dict[str, int]:
+    """The per-connection back-pressure limits given on the command line (others default)."""
+    limits = {}
+    if args.max_bytes_in_flight is not None:
+        limits["max_bytes_in_flight"] = args.max_bytes_in_flight
+    if args.max_requests_in_flight is not None:
+        limits["max_in_flight"] = args.max_requests_in_flight
+    return limits
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
@@ -413,6 +465,7 @@ def _serve(args: argparse.Namespace) -> int:
             tls_key=args.tls_key,
             tls_ca=args.tls_ca,
             tls_verify_peer=bool(args.tls_verify_peer),
+            **_in_flight_limits(args),
         )
         return trio.run(_run, config, args.export_name, args)
     except (OSError, ValueError) as exc:

@@ -179,7 +179,9 @@ class ServerConfig:
     unix_path: str | None = None
     handshake_timeout_s: float = 10.0
     max_in_flight: int = 256
+    """Requests in flight per connection; past it the reader stops reading (back-pressure)."""
     max_bytes_in_flight: int = 128 * 1024 * 1024
+    """READ lengths and WRITE payloads in flight per connection, replies not yet sent included."""
     ring_entries: int = 256
     max_connections: int | None = None
     idle_timeout_s: float | None = None
@@ -208,7 +210,9 @@ class ServerConfig:
         if self.port is None and self.unix_path is None:
             raise ValueError("nothing to listen on: give a TCP port or a Unix socket path")
         if self.max_bytes_in_flight < 32 * 1024 * 1024:
-            raise ValueError("max_bytes_in_flight must hold at least one 32 MiB request")
+            raise ValueError("max-bytes-in-flight must hold at least one 32 MiB request")
+        if self.max_in_flight < 1:
+            raise ValueError("max-requests-in-flight must be at least 1")
 
     def _check_tls(self) -> None:
         if self.tls is TlsMode.OFF:

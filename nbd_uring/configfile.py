@@ -14,6 +14,8 @@
     tls-key = "/etc/nbd-uring/server-key.pem"
     tls-ca = "/etc/nbd-uring/ca-cert.pem"
     tls-verify-peer = true        # clients need a certificate signed by tls-ca
+    max-bytes-in-flight = "128M"  # per connection; past it the server stops reading the socket
+    max-requests-in-flight = 256  # per connection, likewise
 
     [exports.disk]                # the export's name; [exports.""] is the default export
     path = "/srv/disk.img"
@@ -132,6 +134,8 @@ _SERVER_KEYS: Mapping[str, _Key] = {
     "tls-key": _Key(_typed(str, "a PEM key path"), "tls_key"),
     "tls-ca": _Key(_typed(str, "a PEM CA certificate path"), "tls_ca"),
     "tls-verify-peer": _Key(_typed(bool, "true or false"), "tls_verify_peer"),
+    "max-bytes-in-flight": _Key(size_value, "max_bytes_in_flight"),
+    "max-requests-in-flight": _Key(_typed(int, "a number"), "max_in_flight"),
 }
 _EXPORT_KEYS: Mapping[str, _Key] = {
     "path": _Key(_typed(str, "a file or device path"), "path"),

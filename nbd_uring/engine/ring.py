@@ -245,6 +245,10 @@ class Ring:
         """Operations submitted or waiting for ring space, not yet completed."""
         return len(self._in_flight) + len(self._backlog) + len(self._done_now)
 
+    def uses_fd(self, fd: int) -> bool:
+        """Whether an operation not yet completed names ``fd`` (before closing it for good)."""
+        return any(op.fd == fd for op in (*self._in_flight.values(), *self._backlog))
+
     def _sqes_needed(self, op: _Op) -> int:
         return 2 if op.kind == _WRITE and op.fua else 1
 

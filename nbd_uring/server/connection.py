@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import socket
 import struct
@@ -179,6 +180,10 @@ class Connection:
         self._contexts: dict[int, str] = {}
         self._stats: Stats | None = None
         """The export's counters when --metrics is on."""
+        self.draining: str | None = None
+        """Why this connection is being drained (server shutdown, export removed by a reload):
+        new requests get ESHUTDOWN, and once those in flight are answered it closes."""
+        self._drain = trio.Event()
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -188,7 +193,7 @@ class Connection:
         try:
             if export is not None:
                 self.export, self.info = export, export.info
-                self._stats = self.server.export_chosen(export)
+                self._stats = self.server.export_chosen(export, self)
                 await self._transmit()
             elif await self._negotiate():
                 await self._transmit()
@@ -205,7 +210,7 @@ class Connection:
                 self._tls.close()
             self.sock.close()
             if self.export is not None:
-                self.server.export_released(self.export)
+                self.server.export_released(self.export, self)
             log.info("%s: connection closed", self.peer)
 
     async def _recv(self, nbytes: int) -> bytes:
@@ -267,8 +272,12 @@ class Connection:
             )
             return False
         assert hs.export is not None
-        self.export = server.exports_by_name[hs.export.name]
-        self._stats = server.export_chosen(self.export)
+        export = server.resolve(hs.export)
+        if export is None:
+            log.warning("%s: closing: export %r changed meanwhile", self.peer, hs.export.name)
+            return False
+        self.export = export
+        self._stats = server.export_chosen(export, self)
         self.info = hs.export
         self._extended = hs.extended_headers
         if hs.extended_headers or hs.structured_replies:
@@ -328,12 +337,18 @@ class Connection:
         if failure is not None:
             raise failure
 
+    def begin_drain(self, reason: str) -> None:
+        """Server shutdown, or this connection's export removed by a reload."""
+        if self.draining is None:
+            self.draining = reason
+            self._drain.set()
+
     async def _shutdown_task(self, scope: trio.CancelScope) -> None:
-        """On server shutdown: new requests get ESHUTDOWN (the reader sees ``draining``);
-        once every request received so far is answered, the connection closes."""
-        await self.server.drain_started.wait()
+        """Once draining: new requests get ESHUTDOWN (the reader sees ``draining``); once
+        every request received so far is answered, the connection closes."""
+        await self._drain.wait()
         await self._budget.drained()
-        log.info("%s: closing: the server is shutting down", self.peer)
+        log.info("%s: closing: %s", self.peer, self.draining)
         scope.cancel()
 
     async def _reader_task(self) -> None:
@@ -361,7 +376,9 @@ class Connection:
         raw = self._raw
         assert raw is not None
         eager = 0
-        buf = bytearray(RECV_SIZE)
+        # Anonymous memory costs RSS only where touched: an idle connection holds one page of
+        # it, not 256 KiB (a bytearray is zeroed, so touched, at once).
+        buf = mmap.mmap(-1, RECV_SIZE)
         mv = memoryview(buf)
         end = len(self._leftover)
         buf[:end] = self._leftover
@@ -374,7 +391,7 @@ class Connection:
                     if (
                         magic == NBD_REQUEST_MAGIC
                         and not flags
-                        and not server.draining
+                        and not self.draining
                         and 0 < length <= max_block
                         and offset + length <= size
                         and not (offset | length) & align
@@ -422,8 +439,8 @@ class Connection:
                         f"payload of {plen} bytes is over the maximum payload {info.max_block}"
                     )
                 try:
-                    if server.draining:
-                        raise RequestError(NbdErrno.ESHUTDOWN, "the server is shutting down")
+                    if self.draining:
+                        raise RequestError(NbdErrno.ESHUTDOWN, self.draining)
                     check_request(request, info, extended=extended, meta_contexts=meta_contexts)
                 except RequestError as exc:
                     log.info("%s: refused: %s", self.peer, exc.message)

@@ -27,12 +27,53 @@ from nbd_uring.engine.buffers import BufferPool
 from nbd_uring.engine.export import Export
 from nbd_uring.engine.faults import FaultInjector
 from nbd_uring.engine.ring import Ring
-from nbd_uring.protocol import ExportInfo, OptionError, Rep, transmission_flags_for
+from nbd_uring.protocol import (
+    ExportInfo,
+    OptionError,
+    Rep,
+    TransmissionFlag,
+    transmission_flags_for,
+)
 from nbd_uring.server.connection import Connection, set_nodelay
 from nbd_uring.server.metrics import Collector, Stats, serve_metrics
 from nbd_uring.server.tls import server_context
 
 log = logging.getLogger("nbd_uring.server")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Export settings a reload applies to new connections without reopening the file; a change
+# of any other setting replaces the export (its current clients are drained).
+_METADATA_FIELDS = frozenset({"description", "allow", "max_connections"})
+# Server settings bound at start: a reload that changes them logs "needs a restart".
+_RESTART_FIELDS = (
+    "bind",
+    "port",
+    "unix_path",
+    "ring_entries",
+    "metrics",
+    "tls",
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
+    "tls_verify_peer",
+)
+
+
+class ExportState:
+    """What the versions of one export that share a backend share across a reload: a change
+    of description, allow list or limits makes a new :class:`ServedExport` around the same
+    state, so connections that chose the old version are still counted, drained and closed
+    with it."""
+
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+        self.connections: set[Connection] = set()
+        """Connections in transmission on this backend."""
+        self.retired: str | None = None
+        """Why the export is going away (removed or replaced by a reload); None while served."""
+        self.closing = False
+        """Its last client is gone and the file is being synced and closed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +83,10 @@ class ServedExport:
     info: ExportInfo
     backend: Export
     config: ExportConfig
+    state: ExportState = dataclasses.field(
+        default_factory=lambda: ExportState(Stats("")), compare=False
+    )
+    allow: tuple[Network, ...] = ()
 
 
 class TlsClient(Protocol):
@@ -72,7 +117,7 @@ class ListenAddress:
         return self.uri_base.format(export="/" + urllib.parse.quote(export_name))
 
 
-def _open_export(ring: Ring, cfg: ExportConfig) -> ServedExport:
+def _open_export(ring: Ring, cfg: ExportConfig, stats: Stats | None = None) -> ServedExport:
     backend = Export(
         ring,
         cfg.path,
@@ -102,10 +147,13 @@ def _open_export(ring: Ring, cfg: ExportConfig) -> ServedExport:
             preferred_block=max(4096, backend.block_size),
             block_size_required=True,
         )
-    return ServedExport(info=info, backend=backend, config=cfg)
-
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+    return ServedExport(
+        info=info,
+        backend=backend,
+        config=cfg,
+        state=ExportState(stats or Stats(cfg.name)),
+        allow=_networks(cfg.allow),
+    )
 
 
 def _networks(allow: Sequence[str]) -> tuple[Network, ...]:
@@ -132,7 +180,6 @@ class Server:
         self.config = config
         self._inherited = list(listen_sockets)
         self._allow = _networks(config.allow)
-        self._export_allow = {e.name: _networks(e.allow) for e in config.exports}
         self.tls_context: ssl.SSLContext | None = None
         """None: TLS off, STARTTLS is refused."""
         if config.tls is not TlsMode.OFF:
@@ -145,17 +192,20 @@ class Server:
         self._transmitting_changed = trio.Event()
         self._accept_scope = trio.CancelScope()
         self.export_connections: Counter[str] = Counter()
-        self.stats = {e.name: Stats(e.name) for e in config.exports}
+        self.stats: dict[str, Stats] = {}
+        """Per-export counters for --metrics, keyed by name; a reload adds and removes keys."""
         self.ring = Ring(config.ring_entries)
         self.pool = BufferPool()
         self.exports_by_name: dict[str, ServedExport] = {}
+        self._retiring: dict[ExportState, ServedExport] = {}
+        """Removed or replaced exports whose clients are still being drained, by their state
+        (shared by every version of one export, which its connections may hold)."""
+        self._nursery: trio.Nursery | None = None
         try:
             for cfg in config.exports:
-                served = _open_export(self.ring, cfg)
-                if config.export_needs_tls(cfg):
-                    info = dataclasses.replace(served.info, tls_required=True)
-                    served = dataclasses.replace(served, info=info)
+                served = _with_tls(config, _open_export(self.ring, cfg))
                 self.exports_by_name[cfg.name] = served
+                self.stats[cfg.name] = served.state.stats
         except BaseException:
             self.close()
             raise
@@ -184,7 +234,7 @@ class Server:
 
         def unlisted(served: ServedExport) -> str | None:
             name = served.config.name
-            if not _allowed(address, self._export_allow[name]):
+            if not _allowed(address, served.allow):
                 return f"export {name!r} is not available to {address}"
             names = served.config.allow_tls_names
             if names and client is not None and client.tls_established:
@@ -221,18 +271,38 @@ class Server:
 
         return lookup, listing
 
-    def export_chosen(self, served: ServedExport) -> Stats | None:
+    def resolve(self, info: ExportInfo) -> ServedExport | None:
+        """The export a finished handshake chose (``info`` as negotiated: its flags may have
+        gained SEND_DF). A reload between the lookup and here may have replaced it: then the
+        new version if the client would see no difference, else the retiring old one (which
+        drains the connection at once), else None and the caller closes the connection."""
+        for served in (*self.exports_by_name.values(), *self._retiring.values()):
+            if _same_geometry(served.info, info):
+                return served
+        return None
+
+    def export_chosen(self, served: ServedExport, connection: Connection) -> Stats | None:
         """Count a connection in transmission; returns the export's per-request counters
         when metrics are on (None keeps the request path free of them)."""
-        stats = self.stats[served.config.name]
+        state = served.state
+        stats = state.stats
+        state.connections.add(connection)
         self.export_connections[served.config.name] += 1
         stats.connections += 1
         stats.connections_total += 1
+        if self.draining:
+            connection.begin_drain("the server is shutting down")
+        elif state.retired is not None:
+            connection.begin_drain(state.retired)
         return stats if self.config.metrics is not None else None
 
-    def export_released(self, served: ServedExport) -> None:
+    def export_released(self, served: ServedExport, connection: Connection) -> None:
+        state = served.state
+        state.connections.discard(connection)
         self.export_connections[served.config.name] -= 1
-        self.stats[served.config.name].connections -= 1
+        state.stats.connections -= 1
+        if state.retired is not None and not state.connections:
+            self._close_retired(served)
         self._transmitting_changed.set()
         self._transmitting_changed = trio.Event()
 
@@ -243,6 +313,9 @@ class Server:
         self.draining = True
         self._accept_scope.cancel()
         self.drain_started.set()
+        for served in (*self.exports_by_name.values(), *self._retiring.values()):
+            for connection in list(served.state.connections):
+                connection.begin_drain("the server is shutting down")
 
     async def drained(self) -> None:
         """Return once no connection is in transmission (negotiating ones do not count: they
@@ -253,27 +326,141 @@ class Server:
     def close(self) -> None:
         """Wait for the ring to finish in-flight I/O, make every write durable, close files."""
         self.ring.close()
-        for served in self.exports_by_name.values():
-            if served.backend.fd >= 0 and not served.config.read_only:
-                try:
-                    os.fdatasync(served.backend.fd)
-                except OSError as exc:
-                    log.error("fdatasync of %s at shutdown failed: %s", served.config.path, exc)
-            served.backend.close()
+        for served in (*self.exports_by_name.values(), *self._retiring.values()):
+            _sync_and_close(served)
+        self._retiring.clear()
+
+    # -- reload -------------------------------------------------------------------------
+
+    def reload(self, config: ServerConfig) -> None:
+        """Apply a new configuration (SIGHUP): open added exports, retire removed ones and
+        those whose storage settings changed (their clients are drained: requests in flight
+        are answered, new ones get ESHUTDOWN, then the connection closes and the file is
+        synced and closed), and let description, allow list and limits apply to new
+        connections. Listeners and the ring stay as they are; a change to them is logged.
+
+        Every added or replaced export is opened before anything changes, so a file that
+        cannot be opened leaves the running configuration as it was (the error propagates).
+        """
+        old = self.config
+        for field in _RESTART_FIELDS:
+            if getattr(old, field) != getattr(config, field):
+                log.warning(
+                    "reload: %s changed (%r -> %r); this needs a restart and is ignored",
+                    field.replace("_", "-"), getattr(old, field), getattr(config, field),
+                )
+        config = dataclasses.replace(config, **{f: getattr(old, f) for f in _RESTART_FIELDS})
+        wanted = {cfg.name: cfg for cfg in config.exports}
+        opened: dict[str, ServedExport] = {}
+        updated: dict[str, ServedExport] = {}
+        try:
+            for name, cfg in wanted.items():
+                current = self.exports_by_name.get(name)
+                if current is not None and current.config == cfg:
+                    continue
+                if current is not None and _metadata_only(current.config, cfg):
+                    updated[name] = _with_tls(
+                        config,
+                        dataclasses.replace(
+                            current,
+                            config=cfg,
+                            info=dataclasses.replace(current.info, description=cfg.description),
+                            allow=_networks(cfg.allow),
+                        ),
+                    )
+                    continue
+                stats = current.state.stats if current is not None else None
+                opened[name] = _with_tls(config, _open_export(self.ring, cfg, stats))
+        except BaseException:
+            for served in opened.values():
+                served.backend.close()
+            raise
+        removed = [s for name, s in self.exports_by_name.items() if name not in wanted]
+        replaced = [self.exports_by_name[name] for name in opened if name in self.exports_by_name]
+        exports: dict[str, ServedExport] = {}
+        for name in wanted:
+            exports[name] = opened.get(name) or updated.get(name) or self.exports_by_name[name]
+        self.exports_by_name = exports
+        self.default_export = exports[config.exports[0].name]
+        self.config = config
+        self._allow = _networks(config.allow)
+        for served in removed:
+            del self.stats[served.config.name]
+            log.warning("reload: export %r removed", served.config.name)
+            self._retire(served, "the export was removed from the configuration")
+        for served in replaced:
+            log.warning("reload: export %r replaced (storage settings changed)", served.config.name)
+            self._retire(served, "the export was changed by a reload")
+        for name, served in opened.items():
+            self.stats[name] = served.state.stats
+            if name not in {s.config.name for s in replaced}:
+                log.warning("reload: export %r added (%s)", name, served.config.path)
+        for name in updated:
+            log.warning("reload: export %r changed (description, allow list or limits)", name)
+
+    def _retire(self, served: ServedExport, reason: str) -> None:
+        state = served.state
+        state.retired = reason
+        if not state.connections:
+            self._retiring[state] = served
+            self._close_retired(served)
+            return
+        log.info(
+            "export %r: draining %d connection(s)", served.config.name, len(state.connections)
+        )
+        self._retiring[state] = served
+        for connection in list(state.connections):
+            connection.begin_drain(reason)
+
+    def _close_retired(self, served: ServedExport) -> None:
+        """Once its last client is gone: let the export's I/O finish, sync it, close it."""
+        retiring = self._retiring.get(served.state)
+        if retiring is None or served.state.closing:
+            return
+        if self._nursery is None or self.ring.closed:
+            return  # Server.close does it
+        served.state.closing = True
+        self._nursery.start_soon(self._finish_retired, retiring)
+
+    async def _finish_retired(self, served: ServedExport) -> None:
+        backend = served.backend
+        if not served.config.read_only:
+            # A FLUSH waits for every write received before it (replied to or not, on any
+            # connection), then fdatasyncs: after it nothing of this export's is left to do.
+            synced = trio.Event()
+            errors: list[int] = []
+
+            def flushed(err: int) -> None:
+                errors.append(err)
+                synced.set()
+
+            backend.flush(flushed)
+            self.ring.submit()
+            await synced.wait()
+            if errors[0]:
+                log.error(
+                    "export %r: final fdatasync failed: %s",
+                    served.config.name, os.strerror(errors[0]),
+                )
+        # Reads still in the ring hold the file, but one waiting for ring space holds only the
+        # descriptor number, which must not be reused under it.
+        fds = [fd for fd in (backend.fd, backend._tail_fd) if fd >= 0]
+        while any(self.ring.uses_fd(fd) for fd in fds):  # noqa: ASYNC110 (no event for it)
+            await trio.sleep(0.01)
+        if self._retiring.pop(served.state, None) is None:
+            return  # the server closed it meanwhile
+        backend.close()
+        log.info("export %r: closed", served.config.name)
 
     async def serve(self, *, task_status: trio.TaskStatus[list[ListenAddress]]) -> None:
         listeners = await self._open_listeners()
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self._reaper_task)
                 if self.config.metrics is not None:
                     host, _, port = self.config.metrics.rpartition(":")
-                    collector = Collector(
-                        self.stats,
-                        deferred_errors=lambda name: self.exports_by_name[
-                            name
-                        ].backend.deferred_errors_total,
-                    )
+                    collector = Collector(self.stats, deferred_errors=self._deferred_errors)
                     bound = await nursery.start(
                         serve_metrics, host.strip("[]") or "127.0.0.1", int(port), collector
                     )
@@ -286,6 +473,10 @@ class Server:
             if self.config.unix_path is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.config.unix_path)
+
+    def _deferred_errors(self, name: str) -> int:
+        served = self.exports_by_name.get(name)
+        return 0 if served is None else served.backend.deferred_errors_total
 
     async def _open_listeners(self) -> list[trio.socket.SocketType]:
         cfg = self.config
@@ -405,6 +596,41 @@ class Server:
             # A bug must cost one connection, never the server.
             log.exception("%s: connection failed", peer)
             sock.close()
+
+
+def _same_geometry(a: ExportInfo, b: ExportInfo) -> bool:
+    """Whether a client that negotiated ``b`` may be served by ``a``: the same name, size,
+    block sizes and flags (but for SEND_DF, which depends on the negotiation)."""
+    df = TransmissionFlag.SEND_DF
+    return a.flags & ~df == b.flags & ~df and a == dataclasses.replace(
+        b, flags=a.flags, description=a.description
+    )
+
+
+def _with_tls(config: ServerConfig, served: ServedExport) -> ServedExport:
+    """Mark the export's info as TLS-only when the configuration makes it so."""
+    needed = config.export_needs_tls(served.config)
+    if served.info.tls_required == needed:
+        return served
+    return dataclasses.replace(served, info=dataclasses.replace(served.info, tls_required=needed))
+
+
+def _metadata_only(old: ExportConfig, new: ExportConfig) -> bool:
+    """True when only settings that need no reopening (and no draining) differ."""
+    return all(
+        getattr(old, f.name) == getattr(new, f.name)
+        for f in dataclasses.fields(ExportConfig)
+        if f.name not in _METADATA_FIELDS
+    )
+
+
+def _sync_and_close(served: ServedExport) -> None:
+    if served.backend.fd >= 0 and not served.config.read_only:
+        try:
+            os.fdatasync(served.backend.fd)
+        except OSError as exc:
+            log.error("fdatasync of %s at shutdown failed: %s", served.config.path, exc)
+    served.backend.close()
 
 
 def _remove_stale_socket(path: str) -> None:

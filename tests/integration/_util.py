@@ -231,8 +231,10 @@ def start_server(
     sockdir: Path | None = None,
     description: str | None = None,
     extra_args: tuple[str, ...] = (),
+    config: Path | None = None,
 ) -> Server:
-    """Start the server under test on ``path``; return once it is accepting connections."""
+    """Start the server under test on ``path`` (or on the exports of a ``config`` file, for
+    nbd-uring only); return once it is accepting connections."""
     kind = server_kind()
     workdir.mkdir(parents=True, exist_ok=True)
     n = len(list(workdir.glob("server-*.log")))
@@ -251,7 +253,8 @@ def start_server(
 
     pidfile = workdir / f"server-{n}.pid"
     if kind == NBD_URING:
-        argv = [sys.executable, "-m", "nbd_uring", "serve", str(path), "--print-uri", "-v"]
+        source = ["--config", str(config)] if config is not None else [str(path)]
+        argv = [sys.executable, "-m", "nbd_uring", "serve", *source, "--print-uri", "-v"]
         argv += ["--unix", str(unix)] if unix is not None else ["--port", "0"]
         if read_only:
             argv.append("--read-only")
@@ -348,6 +351,7 @@ class StartServer(Protocol):
         tcp: bool = False,
         description: str | None = None,
         extra_args: tuple[str, ...] = (),
+        config: Path | None = None,
     ) -> Server: ...
 
 

@@ -57,9 +57,10 @@ def start_nbd_server(
         tcp: bool = False,
         description: str | None = None,
         extra_args: tuple[str, ...] = (),
+        config: Path | None = None,
     ) -> Server:
         if path is None:
-            path = make_sparse(tmp_path / f"disk{len(servers)}.img", size)
+            path = config or make_sparse(tmp_path / f"disk{len(servers)}.img", size)
         server = start_server(
             tmp_path,
             path,
@@ -69,6 +70,7 @@ def start_nbd_server(
             sockdir=sockdir,
             description=description,
             extra_args=extra_args,
+            config=config,
         )
         servers.append(server)
         return server

@@ -74,3 +74,26 @@ def test_errors_name_the_line(text: str, line: int | None, words: str) -> None:
     assert info.value.line == line, str(info.value)
     assert words in str(info.value)
     assert str(info.value).startswith(f"bad.toml:{line}: " if line else "bad.toml: ")
+
+
+def test_in_flight_caps() -> None:
+    cfg = load_config(
+        '[server]\nmax-bytes-in-flight = "64M"\nmax-requests-in-flight = 32\n'
+        '[exports.a]\npath = "/x"\n'
+    )
+    assert (cfg.max_bytes_in_flight, cfg.max_in_flight) == (64 << 20, 32)
+    defaults = load_config('[exports.a]\npath = "/x"\n')
+    assert (defaults.max_bytes_in_flight, defaults.max_in_flight) == (128 << 20, 256)
+
+
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ('max-bytes-in-flight = "1M"', "at least one 32 MiB request"),
+        ("max-requests-in-flight = 0", "at least 1"),
+    ],
+)
+def test_in_flight_caps_too_small(setting: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(f'\n[server]\n{setting}\n[exports.a]\npath = "/x"\n', "bad.toml")
+    assert info.value.line == 2 and words in str(info.value)
