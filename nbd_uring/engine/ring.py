@@ -216,27 +216,35 @@ class Ring:
         of whatever completed meanwhile (a read from the page cache completes inside the
         system call); returns how many completions ran.
 
-        Reaping here, and clearing the eventfd before it, keeps the common case free of a
-        wake-up of the reaper per batch; anything posted after the clearing signals again.
+        The eventfd is switched off meanwhile, so completions reaped here signal nobody;
+        whatever is posted after it is switched back on signals as usual, and what came in
+        between is caught by the last look at the completion queue.
         """
         if self._submitting:
             return 0
         self._submitting = True
+        ring = self._ring
         total = 0
         try:
             while True:
-                if self._unsubmitted:
-                    self._unsubmitted = 0
-                    _check(lib.nbdu_submit(self._ring), "io_uring_submit")
-                if self._done_now:
-                    total += self._run_done_now()
-                    continue
-                if not lib.nbdu_cq_ready(self._ring):
-                    if self._unsubmitted:
-                        continue
+                lib.nbdu_eventfd_enable(ring, 0)
+                try:
+                    while True:
+                        if self._unsubmitted:
+                            self._unsubmitted = 0
+                            _check(lib.nbdu_submit(ring), "io_uring_submit")
+                        if self._done_now:
+                            total += self._run_done_now()
+                            continue
+                        if not lib.nbdu_cq_ready(ring):
+                            if self._unsubmitted:
+                                continue
+                            break
+                        total += self._drain()
+                finally:
+                    lib.nbdu_eventfd_enable(ring, 1)
+                if not lib.nbdu_cq_ready(ring):
                     return total
-                self._clear_eventfd()
-                total += self._drain()
         finally:
             self._submitting = False
 

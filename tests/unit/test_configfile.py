@@ -97,3 +97,12 @@ def test_in_flight_caps_too_small(setting: str, words: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(f'\n[server]\n{setting}\n[exports.a]\npath = "/x"\n', "bad.toml")
     assert info.value.line == 2 and words in str(info.value)
+
+
+def test_poll_us() -> None:
+    cfg = load_config('[server]\npoll-us = 0\n[exports.a]\npath = "/x"\n')
+    assert cfg.poll_us == 0
+    assert load_config('[exports.a]\npath = "/x"\n').poll_us == 50
+    with pytest.raises(ConfigError) as info:
+        load_config('\n[server]\npoll-us = 20000\n[exports.a]\npath = "/x"\n', "bad.toml")
+    assert info.value.line == 2 and "poll-us" in str(info.value)
