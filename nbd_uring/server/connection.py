@@ -583,7 +583,9 @@ class Connection:
             if not self._quiet:
                 self._have_replies.set()
 
-        self.export.backend.read(offset, lease.view, self._tracked(_READ, length, read_done))
+        self.export.backend.read(
+            offset, lease.view, self._tracked(_READ, length, read_done), lease.ptr
+        )
 
     def _fast_write(self, cookie: int, offset: int, lease: Buffer) -> None:
         """A WRITE the fast path accepted (compact headers, no flags)."""
