@@ -131,8 +131,11 @@ class _Budget:
         self.requests += 1
 
     def release(self, nbytes: int) -> None:
+        self.release_many(nbytes, 1)
+
+    def release_many(self, nbytes: int, requests: int) -> None:
         self.bytes -= nbytes
-        self.requests -= 1
+        self.requests -= requests
         changed = self._changed
         if changed is not None:
             self._changed = None
@@ -848,12 +851,16 @@ class Connection:
         raw = self._raw
         assert raw is not None
         while iov:
+            chunk = iov[:IOV_MAX] if len(iov) > IOV_MAX else iov
             try:
-                sent = raw.sendmsg(iov[:IOV_MAX] if len(iov) > IOV_MAX else iov)
+                sent = raw.sendmsg(chunk)
             except BlockingIOError:
                 return False
             except _PEER_GONE as exc:
                 raise ClientGone(str(exc)) from None
+            if sent == sum(map(len, chunk)):
+                del iov[: len(chunk)]
+                continue
             done = 0
             while sent:
                 first = len(iov[done])
@@ -867,11 +874,12 @@ class Connection:
         if self._unflushed is not None and self._unflushed():
             return False
         sending, self._sending = self._sending, []
-        release = self._budget.release
+        total = 0
         for data, nbytes in sending:
             if data is not None:
                 data.release()
-            release(nbytes)
+            total += nbytes
+        self._budget.release_many(total, len(sending))
         return True
 
     async def _writer_task(self, scope: trio.CancelScope) -> None:
