@@ -193,6 +193,7 @@ class Connection:
         try:
             if export is not None:
                 self.export, self.info = export, export.info
+                self.peer = f"{self.peer} export {export.info.name!r}"
                 self._stats = self.server.export_chosen(export, self)
                 await self._transmit()
             elif await self._negotiate():
@@ -246,6 +247,8 @@ class Connection:
         )
         with trio.move_on_after(server.config.handshake_timeout_s) as scope:
             while True:
+                for refusal in hs.take_refusals():
+                    log.info("%s: %s", self.peer, refusal)
                 out = hs.data_to_send()
                 if out:
                     await self._send_all(out)
@@ -285,6 +288,7 @@ class Connection:
         self._contexts = hs.meta_contexts
         self._leftover = hs.unused_data
         log.info("%s: export %r chosen, transmission begins", self.peer, hs.export.name)
+        self.peer = f"{self.peer} export {hs.export.name!r}"  # every later line names it
         return True
 
     async def _start_tls(self, early: bytes) -> None:
@@ -776,8 +780,10 @@ class Connection:
         if nbd_error is None:
             nbd_error = nbd_errno_for(err) if err else 0
             if err:
-                reason = errno.errorcode.get(err, str(err))
-                log.info("%s: request cookie=%#x failed: %s", self.peer, cookie, reason)
+                reason = self._failure_message(request, err)
+                if request is None:
+                    reason = f"failed: {reason} ({errno.errorcode.get(err, err)})"
+                log.info("%s: request cookie=%#x: %s", self.peer, cookie, reason)
         if nbd_error and data is not None:
             data.release()
             data = None

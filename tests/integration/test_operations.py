@@ -180,6 +180,11 @@ def test_config_file_exports_and_per_export_policy(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(timeout=15) == 0
+    assert proc.stderr is not None
+    log = proc.stderr.read().decode()
+    assert "NBD_OPT_GO refused with NBD_REP_ERR_POLICY: export 'private' is not available to " \
+        "127.0.0.1" in log
+    assert "refused with NBD_REP_ERR_POLICY: export 'private' has reached its limit" in log
 
 
 def test_check_config_points_at_the_line(tmp_path: Path) -> None:
