@@ -259,6 +259,45 @@ def test_systemd_socket_activate_and_sd_notify(tmp_path: Path) -> None:
         proc.wait(timeout=15)
 
 
+def test_socket_activation_with_several_sockets_and_sd_notify(tmp_path: Path) -> None:
+    """systemd-socket-activate hands over a Unix and a TCP socket (LISTEN_FDS=2): both are
+    served; NOTIFY_SOCKET gets READY=1 once listening and STOPPING=1 at SIGTERM, exit 0."""
+    if not Path("/usr/bin/systemd-socket-activate").exists():
+        pytest.skip("systemd-socket-activate is not installed")
+    disk = make_sparse(tmp_path / "d.img", 2 * MiB)
+    sock = tmp_path / "act.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(15)
+    port = free_tcp_port()
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "-l", str(sock), "-l", f"127.0.0.1:{port}",
+         "-E", f"NOTIFY_SOCKET={tmp_path / 'notify.sock'}", "-E", f"PYTHONPATH={REPO_ROOT}",
+         sys.executable, "-m", "nbd_uring", "serve", str(disk), "-v"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        for uri in (f"nbd://127.0.0.1:{port}/", f"nbd+unix:///?socket={sock}"):
+            out = subprocess.run(["nbdinfo", "--size", uri],
+                                 capture_output=True, text=True, timeout=60, check=True)
+            assert out.stdout.strip() == str(2 * MiB)
+        assert notify.recv(4096) == b"READY=1"
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+        assert notify.recv(4096) == b"STOPPING=1"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.close()
+    assert proc.stderr is not None
+    assert "serving 2 inherited socket(s)" in proc.stderr.read().decode()
+
+
 def test_metrics_endpoint(start_nbd_server: StartServer) -> None:
     port = free_tcp_port()
     server = start_nbd_server(extra_args=("--metrics", f"127.0.0.1:{port}"))
