@@ -343,6 +343,30 @@ def test_sigterm_drains_in_flight_requests(start_nbd_server: StartServer) -> Non
         assert f.read(4096) == b"D" * 4096
 
 
+def test_sigterm_exit_is_bounded_when_a_request_never_finishes(
+    start_nbd_server: StartServer,
+) -> None:
+    """A READ held 60 s by a fault rule and --shutdown-timeout 1: SIGTERM still ends the
+    process with status 0 within the shutdown timeout plus the ring's 10 s grace for I/O the
+    kernel has not finished, and the log says why it stopped waiting."""
+    server = start_nbd_server(
+        extra_args=("--fault", "read:delay=60s", "--shutdown-timeout", "1")
+    )
+    client = RawClient(server).handshake()
+    client.request(0, 0, 512)  # NBD_CMD_READ, held 60 s
+    wait_for_log(server, "transmission begins")
+    time.sleep(0.2)  # the request reaches the server
+    start = time.monotonic()
+    server.proc.send_signal(15)
+    assert server.proc.wait(timeout=30) == 0
+    assert time.monotonic() - start < 20
+    server.killed = True  # stopped here on purpose
+    log = server.stderr_text()
+    assert "clients still connected after 1 s: closing them" in log
+    assert "Traceback" not in log
+    client.close()
+
+
 def test_metrics_count_what_fio_did(start_nbd_server: StartServer) -> None:
     """Scraped after a fio run of exactly 256 4k writes then 256 4k reads, the counters say
     so, bytes and latency histogram included."""
