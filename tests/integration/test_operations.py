@@ -3,6 +3,7 @@ activation, pidfile, metrics, clean shutdown."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
@@ -385,6 +386,54 @@ def test_metrics_count_what_fio_did(start_nbd_server: StartServer) -> None:
         assert f"nbd_uring_bytes_total{{{labels}}} 1.048576e+06" in text, text
         assert f'nbd_uring_request_latency_seconds_count{{{labels}}} 256.0' in text
     assert 'nbd_uring_requests_in_flight{export=""} 0.0' in text
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in:\n{text}")
+
+
+def test_metrics_scraped_during_a_fio_run(start_nbd_server: StartServer, tmp_path: Path) -> None:
+    """While a (rate-limited) fio job runs, a scrape shows part of its reads counted and the
+    connection open; after it, the count is exactly the I/Os fio reports."""
+    port = free_tcp_port()
+    server = start_nbd_server(tcp=True, extra_args=("--metrics", f"127.0.0.1:{port}"))
+    out = tmp_path / "fio.json"
+    fio = subprocess.Popen(
+        ["fio", "--name=m", "--ioengine=nbd", f"--uri={server.uri}", "--rw=randread",
+         "--bs=4k", "--size=4m", "--iodepth=4", "--rate_iops=200", "--time_based",
+         "--runtime=3", "--invalidate=0", "--output-format=json", f"--output={out}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}/metrics"
+    reads = 'nbd_uring_requests_total{command="read",export=""}'
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            text = urllib.request.urlopen(url, timeout=10).read().decode()
+            if reads in text and metric(text, reads) >= 50:
+                break
+            assert time.monotonic() < deadline and fio.poll() is None, text
+            time.sleep(0.1)
+        assert fio.poll() is None, "the scrape came after fio had finished"
+        assert metric(text, 'nbd_uring_connections{export=""}') == 1
+        assert metric(text, 'nbd_uring_requests_in_flight{export=""}') >= 0
+        during = metric(text, reads)
+        assert fio.wait(timeout=60) == 0, fio.stderr.read() if fio.stderr else ""
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+            fio.wait()
+    total = json.loads(out.read_text())["jobs"][0]["read"]["total_ios"]
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    assert during < total
+    assert metric(text, reads) == total
+    assert metric(text, 'nbd_uring_bytes_total{command="read",export=""}') == total * 4096
+    assert metric(text, 'nbd_uring_request_latency_seconds_count{command="read",export=""}') == (
+        total
+    )
 
 
 def test_idle_timeout_closes_only_idle_connections(start_nbd_server: StartServer) -> None:
