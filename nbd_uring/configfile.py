@@ -166,6 +166,9 @@ _SERVER_KEYS: Mapping[str, _Key] = {
     "max-bytes-in-flight": _Key(size_value, "max_bytes_in_flight"),
     "max-requests-in-flight": _Key(_typed(int, "a number"), "max_in_flight"),
 }
+_ONE_KEY_ERRORS = frozenset(
+    {"unix-mode", "unix-group", "max-bytes-in-flight", "max-requests-in-flight"}
+)
 _EXPORT_KEYS: Mapping[str, _Key] = {
     "path": _Key(_typed(str, "a file or device path"), "path"),
     "size": _Key(size_value, "size"),
@@ -277,11 +280,10 @@ def load_config(text: str, source: str = "<config>") -> ServerConfig:
     try:
         config = ServerConfig(exports=tuple(exports), **server)
     except ValueError as exc:
-        # "unix-mode and unix-group need a Unix socket" points at unix-mode, the rest at [server].
+        # A message about one setting ("max-requests-in-flight must be ...") points at it; one
+        # about how settings combine points at [server].
         key = str(exc).split(" ", 1)[0].rstrip(":")
-        line = (
-            locate.key(("server",), key) if key.startswith("unix-") else locate.table("server")
-        )
+        line = locate.key(("server",), key) if key in _ONE_KEY_ERRORS else locate.table("server")
         raise ConfigError(source, line, str(exc)) from None
     if config.tls is not TlsMode.OFF:
         _check_tls_files(config, locate, source)

@@ -473,3 +473,22 @@ def test_scratch_export_is_removed_at_exit(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(timeout=30)
         assert list(scratch_root.iterdir()) == [], f"left behind after SIGTERM at {delay} s"
+
+
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ("max-requests-in-flight = 0", "max-requests-in-flight must be at least 1"),
+        ('max-bytes-in-flight = "1M"', "max-bytes-in-flight must hold at least one 32 MiB"),
+        ('tls = "on"', "tls on needs a server certificate and key"),
+    ],
+)
+def test_check_config_reports_other_server_settings(
+    tmp_path: Path, setting: str, words: str
+) -> None:
+    """check-config validates what serve would: in-flight caps and TLS too."""
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(f'[server]\nport = 1\n{setting}\n[exports.a]\npath = "/x"\n')
+    bad = nbd_uring("check-config", str(cfg))
+    line = 1 if setting.startswith("tls") else 3
+    assert bad.returncode == 1 and f"{cfg}:{line}: {words}" in bad.stderr, bad.stderr

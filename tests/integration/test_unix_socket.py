@@ -174,3 +174,4 @@ def test_check_config_reports_unix_socket_settings(tmp_path: Path) -> None:
                    '[exports.a]\npath = "/x"\n')
     good = nbd_uring("check-config", str(cfg))
     assert good.returncode == 0, good.stderr
+

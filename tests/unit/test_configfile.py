@@ -96,7 +96,7 @@ def test_in_flight_caps() -> None:
 def test_in_flight_caps_too_small(setting: str, words: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(f'\n[server]\n{setting}\n[exports.a]\npath = "/x"\n', "bad.toml")
-    assert info.value.line == 2 and words in str(info.value)
+    assert info.value.line == 3 and words in str(info.value)  # the setting's own line
 
 
 def test_unix_socket_permissions() -> None:
