@@ -143,6 +143,18 @@ class _Budget:
             await self._wait()
 
 
+def _refusal(request: Request, exc: RequestError) -> str:
+    """The log line of a request refused before it ran: which one, the errno and why."""
+    try:
+        name = f"NBD_CMD_{Cmd(request.command).name}"
+    except ValueError:
+        name = f"command {request.command}"
+    return (
+        f"{name} cookie={request.cookie:#x} offset={request.offset} length={request.length} "
+        f"refused with {NbdErrno(exc.nbd_errno).name}: {exc.message}"
+    )
+
+
 class Connection:
     def __init__(self, server: Server, sock: trio.socket.SocketType, peer: str) -> None:
         self.server = server
@@ -447,7 +459,7 @@ class Connection:
                         raise RequestError(NbdErrno.ESHUTDOWN, self.draining)
                     check_request(request, info, extended=extended, meta_contexts=meta_contexts)
                 except RequestError as exc:
-                    log.info("%s: refused: %s", self.peer, exc.message)
+                    log.info("%s: %s", self.peer, _refusal(request, exc))
                     ring.submit()
                     self._unquiet()
                     pos, end = await self._discard(mv, pos, end, plen)

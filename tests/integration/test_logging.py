@@ -18,6 +18,7 @@ pytestmark = [
 
 REP_ERR_UNKNOWN = (1 << 31) + 6
 NBD_EIO = 5
+NBD_EINVAL = 22
 
 
 def test_refused_options_and_failed_requests_are_logged(start_nbd_server: StartServer) -> None:
@@ -32,6 +33,10 @@ def test_refused_options_and_failed_requests_are_logged(start_nbd_server: StartS
     cookie = client.request(0, 512, 1024)  # NBD_CMD_READ inside the failing range
     _magic, error, got = struct.unpack(">IIQ", recv_exact(client.sock, 16))
     assert (error, got) == (NBD_EIO, cookie)
+    size = client.size
+    beyond = client.request(0, size, 512)  # NBD_CMD_READ past the end: refused, never run
+    _magic, error, got = struct.unpack(">IIQ", recv_exact(client.sock, 16))
+    assert (error, got) == (NBD_EINVAL, beyond)
     port = client.sock.getsockname()[1]
     client.disconnect()
     wait_for_log(server, f"127.0.0.1:{port} export 'disk': connection closed")
@@ -43,3 +48,7 @@ def test_refused_options_and_failed_requests_are_logged(start_nbd_server: StartS
                   "(EIO)", "Input/output error"):
         assert words in failed[0], failed[0]
     assert f"127.0.0.1:{port}: export 'disk' chosen" in log
+    assert (
+        f"127.0.0.1:{port} export 'disk': NBD_CMD_READ cookie={beyond:#x} offset={size} "
+        f"length=512 refused with EINVAL: NBD_CMD_READ beyond end of export"
+    ) in log
