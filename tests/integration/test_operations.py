@@ -96,6 +96,18 @@ def test_server_allow_list_refuses_other_addresses(start_nbd_server: StartServer
     assert "address not in the server's allow list" in server.stderr_text()
 
 
+def test_allow_list_refuses_a_loopback_alias(start_nbd_server: StartServer) -> None:
+    """--allow 127.0.0.1: a client from the alias 127.0.0.2 is closed before the greeting and
+    the log names its address; 127.0.0.1 is served."""
+    server = start_nbd_server(tcp=True, extra_args=("--allow", "127.0.0.1"))
+    refused = connect_from(server, "127.0.0.2")
+    port = refused.getsockname()[1]
+    expect_closed(refused)
+    served = raw_from(server, "127.0.0.1").handshake()
+    served.disconnect()
+    wait_for_log(server, f"127.0.0.2:{port}: refused: address not in the server's allow list")
+
+
 def test_max_connections(start_nbd_server: StartServer) -> None:
     server = start_nbd_server(extra_args=("--max-connections", "2"))
     a = RawClient(server).handshake()
