@@ -647,7 +647,7 @@ class Connection:
             return
         done = self._tracked(command, request.length, self._completion(request, nbytes))
         if command == Cmd.FLUSH:
-            backend.flush(done)
+            backend.flush(self._counted_flush(done))
         elif command == Cmd.TRIM:
             backend.trim(request.offset, request.length, done, fua=request.fua)
         elif command == Cmd.WRITE_ZEROES:
@@ -676,6 +676,20 @@ class Connection:
 
         def finished(err: int) -> None:
             stats.finished(command, nbytes, err, time.monotonic() - start)
+            done(err)
+
+        return finished
+
+    def _counted_flush(self, done: Completion) -> Completion:
+        """With --metrics: a FLUSH counts as waiting until earlier writes and its fdatasync
+        are done."""
+        stats = self._stats
+        if stats is None:
+            return done
+        stats.flushes_waiting += 1
+
+        def finished(err: int) -> None:
+            stats.flushes_waiting -= 1
             done(err)
 
         return finished

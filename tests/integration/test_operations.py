@@ -448,6 +448,35 @@ def test_metrics_scraped_during_a_fio_run(start_nbd_server: StartServer, tmp_pat
     )
 
 
+def test_metrics_show_a_flush_waiting_for_an_earlier_write(
+    start_nbd_server: StartServer,
+) -> None:
+    """A WRITE held 2 s by a fault rule, then a FLUSH: while the write is held the FLUSH is
+    counted as waiting; once both are answered the gauge is back to 0."""
+    port = free_tcp_port()
+    server = start_nbd_server(
+        extra_args=("--metrics", f"127.0.0.1:{port}", "--fault", "write@0-4k:delay=2s")
+    )
+    url = f"http://127.0.0.1:{port}/metrics"
+    gauge = 'nbd_uring_flushes_waiting{export=""}'
+    client = RawClient(server).handshake()
+    write = client.request(1, 0, 4096, payload=b"W" * 4096)  # NBD_CMD_WRITE, held 2 s
+    flush = client.request(3, 0, 0)  # NBD_CMD_FLUSH
+    deadline = time.monotonic() + 10
+    while metric(urllib.request.urlopen(url, timeout=10).read().decode(), gauge) != 1:
+        assert time.monotonic() < deadline, "the FLUSH was never counted as waiting"
+        time.sleep(0.05)
+    replies = {}
+    for _ in range(2):
+        _magic, error, cookie = struct.unpack(">IIQ", recv_exact(client.sock, 16))
+        replies[cookie] = error
+    assert replies == {write: 0, flush: 0}
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    assert metric(text, gauge) == 0
+    assert metric(text, 'nbd_uring_requests_total{command="flush",export=""}') == 1
+    client.disconnect()
+
+
 def test_idle_timeout_closes_only_idle_connections(start_nbd_server: StartServer) -> None:
     """--idle-timeout 1: a client that sends nothing for a second is closed; one whose request
     is still being served (held 2 s) is not, and gets its reply."""
