@@ -40,9 +40,22 @@ else:
 """
 
 
+def as_nobody() -> list[str]:
+    """The command prefix that runs a command as nobody (root directly, else through
+    passwordless sudo); skips the rest of the test when neither is possible."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv is not installed")
+    if os.geteuid() == 0:
+        return AS_NOBODY
+    sudo = shutil.which("sudo")
+    if sudo and subprocess.run([sudo, "-n", "true"], capture_output=True).returncode == 0:
+        return [sudo, "-n", *AS_NOBODY]
+    pytest.skip("connecting as another user needs root or passwordless sudo")
+
+
 def connect_as_nobody(path: Path) -> int:
     out = subprocess.run(
-        [*AS_NOBODY, "/usr/bin/python3", "-c", CONNECT, str(path)],
+        [*as_nobody(), "/usr/bin/python3", "-c", CONNECT, str(path)],
         capture_output=True, text=True, timeout=30, check=True,
     )
     return int(out.stdout.strip())
@@ -51,8 +64,6 @@ def connect_as_nobody(path: Path) -> int:
 @pytest.fixture
 def open_dir() -> Iterator[Path]:
     """A socket directory anyone may traverse (pytest's tmp_path is 0700)."""
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv to connect as another user")
     path = Path(tempfile.mkdtemp(prefix="nbdu-perm-"))
     path.chmod(0o755)
     try:
@@ -89,15 +100,17 @@ def test_unix_mode_is_applied_and_enforced_by_the_kernel(
 def test_unix_group_lets_its_members_in(tmp_path: Path, open_dir: Path) -> None:
     """0660 owned by group nogroup: nobody:nogroup is served (nbdinfo too); with group
     daemon instead, nobody is refused."""
+    if os.geteuid() != 0:
+        pytest.skip("giving the socket to a group the server is not in needs root")
     server = serve_with(tmp_path, open_dir, "--unix-mode", "0660", "--unix-group", "nogroup")
     try:
         assert server.unix is not None
         st = server.unix.stat()
-        assert (stat.S_IMODE(st.st_mode), st.st_gid, st.st_uid) == (0o660, 65534, 0)
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, 65534)
         assert connect_as_nobody(server.unix) == 0
         if shutil.which("nbdinfo"):
             out = subprocess.run(
-                [*AS_NOBODY, "nbdinfo", "--size", f"nbd+unix:///?socket={server.unix}"],
+                [*as_nobody(), "nbdinfo", "--size", f"nbd+unix:///?socket={server.unix}"],
                 capture_output=True, text=True, timeout=60, check=True,
             )
             assert out.stdout.strip() == str(4 * MiB)
