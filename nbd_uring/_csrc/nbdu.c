@@ -55,6 +55,13 @@ int nbdu_register_eventfd(struct nbdu_ring *r, int efd, int async_only)
     return io_uring_register_eventfd(&r->ring, efd);
 }
 
+int nbdu_eventfd_enable(struct nbdu_ring *r, int enabled)
+{
+    /* Completions posted while disabled do not signal the eventfd: the submitter turns it
+     * off while it reaps itself, so inline completions cost no eventfd write and read. */
+    return io_uring_cq_eventfd_toggle(&r->ring, enabled != 0);
+}
+
 unsigned nbdu_cq_ready(struct nbdu_ring *r)
 {
     return io_uring_cq_ready(&r->ring);

@@ -6,6 +6,7 @@ struct __kernel_timespec;
 struct nbdu_ring *nbdu_ring_new(unsigned entries, unsigned flags, int *err);
 void nbdu_ring_free(struct nbdu_ring *r);
 int nbdu_register_eventfd(struct nbdu_ring *r, int efd, int async_only);
+int nbdu_eventfd_enable(struct nbdu_ring *r, int enabled);
 unsigned nbdu_cq_ready(struct nbdu_ring *r);
 unsigned nbdu_sq_space(struct nbdu_ring *r);
 unsigned nbdu_cq_entries(struct nbdu_ring *r);

@@ -20,6 +20,7 @@ import os
 import stat
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from nbd_uring.engine.buffers import Buffer
 from nbd_uring.engine.durability import Durability, FlushEpochs, Ordering
@@ -140,8 +141,9 @@ class Export:
 
     # -- requests -----------------------------------------------------------------------
 
-    def read(self, offset: int, buf: memoryview, done: Completion) -> None:
-        """Fill ``buf`` from ``offset``; ``buf`` stays the caller's."""
+    def read(self, offset: int, buf: memoryview, done: Completion, ptr: Any = None) -> None:
+        """Fill ``buf`` from ``offset``; ``buf`` stays the caller's (``ptr``: its address,
+        which a pooled buffer carries, saving the ring from making one)."""
         if self._plain:
             # What _ordered and _faulted do, with one closure instead of four.
             tracker = self._tracker
@@ -157,9 +159,9 @@ class Export:
                 else:
                     self._read_at(buf, offset, finished)
             elif entry.blockers:
-                entry.defer(lambda: self.ring.read(self.fd, buf, offset, finished))
+                entry.defer(lambda: self.ring.read(self.fd, buf, offset, finished, ptr))
             else:
-                self.ring.read(self.fd, buf, offset, finished)
+                self.ring.read(self.fd, buf, offset, finished, ptr)
             return
         self._ordered(
             "read", offset, len(buf), False, lambda fin: self._read_at(buf, offset, fin), done
@@ -191,11 +193,13 @@ class Export:
             if entry.blockers:
                 entry.defer(
                     lambda: self.ring.write(
-                        self.fd, buf.view, offset, finished, inline=self.inline_writes
+                        self.fd, buf.view, offset, finished, inline=self.inline_writes, ptr=buf.ptr
                     )
                 )
             else:
-                self.ring.write(self.fd, buf.view, offset, finished, inline=self.inline_writes)
+                self.ring.write(
+                    self.fd, buf.view, offset, finished, inline=self.inline_writes, ptr=buf.ptr
+                )
             return
         early = (
             self.durability is Durability.WRITEBACK

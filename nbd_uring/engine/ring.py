@@ -32,6 +32,7 @@ FALLOC_FL_PUNCH_HOLE: Final[int] = lib.FALLOC_FL_PUNCH_HOLE
 FALLOC_FL_ZERO_RANGE: Final[int] = lib.FALLOC_FL_ZERO_RANGE
 
 _READ, _WRITE, _FSYNC, _FALLOCATE, _FADVISE, _TIMEOUT = range(6)
+_EBUSY = -errno.EBUSY
 _REAP_BATCH = 256
 _MAX_RW = 1 << 30
 INLINE_WRITE_MAX: Final[int] = 64 * 1024
@@ -78,6 +79,7 @@ class _Op:
         length: int,
         callback: Completion,
         buf: Any = None,
+        ptr: Any = None,
     ) -> None:
         self.kind = kind
         self.fd = fd
@@ -85,9 +87,9 @@ class _Op:
         self.length = length
         self.callback = callback
         self.buf = buf
-        self.ptr: Any = (
-            None if buf is None else ffi.from_buffer(buf, require_writable=kind == _READ)
-        )
+        if ptr is None and buf is not None:
+            ptr = ffi.from_buffer(buf, require_writable=kind == _READ)
+        self.ptr: Any = ptr
         self.done = 0
         self.fua = False
         self.rw_flags = 0
@@ -139,9 +141,12 @@ class Ring:
 
     # -- submission ---------------------------------------------------------------------
 
-    def read(self, fd: int, buf: Any, offset: int, callback: Completion) -> None:
-        """Fill the writable buffer ``buf`` from ``fd`` at ``offset``."""
-        self._start(_Op(_READ, fd, offset, memoryview(buf).nbytes, callback, buf))
+    def read(
+        self, fd: int, buf: Any, offset: int, callback: Completion, ptr: Any = None
+    ) -> None:
+        """Fill the writable buffer ``buf`` from ``fd`` at ``offset``; ``ptr``, when given,
+        is ``buf``'s address as a cffi pointer (a pooled buffer has one made already)."""
+        self._start(_Op(_READ, fd, offset, memoryview(buf).nbytes, callback, buf, ptr))
 
     def write(
         self,
@@ -153,9 +158,11 @@ class Ring:
         fua: bool = False,
         dsync: bool = False,
         inline: bool = False,
+        ptr: Any = None,
     ) -> None:
-        """Write ``buf`` at ``offset``; ``fua`` links an fdatasync in the same submission,
-        ``dsync`` uses RWF_DSYNC on the write itself instead.
+        """Write ``buf`` at ``offset`` (``ptr``: its address, as for :meth:`read`); ``fua``
+        links an fdatasync in the same submission, ``dsync`` uses RWF_DSYNC on the write
+        itself instead.
 
         ``inline``: a small plain write may be done at once with ``pwrite`` (for a buffered
         write to a file system that cannot write without blocking, ext4 among them, io_uring
@@ -172,7 +179,7 @@ class Ring:
                 if time.monotonic_ns() - now > _INLINE_STALL_NS:
                     self._inline_paused_until = now + _INLINE_PAUSE_NS
                 return
-        op = _Op(_WRITE, fd, offset, nbytes, callback, buf)
+        op = _Op(_WRITE, fd, offset, nbytes, callback, buf, ptr)
         op.fua = fua
         op.rw_flags = lib.RWF_DSYNC if dsync else 0
         self._start(op)
@@ -216,27 +223,35 @@ class Ring:
         of whatever completed meanwhile (a read from the page cache completes inside the
         system call); returns how many completions ran.
 
-        Reaping here, and clearing the eventfd before it, keeps the common case free of a
-        wake-up of the reaper per batch; anything posted after the clearing signals again.
+        The eventfd is switched off meanwhile, so completions reaped here signal nobody;
+        whatever is posted after it is switched back on signals as usual, and what came in
+        between is caught by the last look at the completion queue.
         """
         if self._submitting:
             return 0
         self._submitting = True
+        ring = self._ring
         total = 0
         try:
             while True:
-                if self._unsubmitted:
-                    self._unsubmitted = 0
-                    _check(lib.nbdu_submit(self._ring), "io_uring_submit")
-                if self._done_now:
-                    total += self._run_done_now()
-                    continue
-                if not lib.nbdu_cq_ready(self._ring):
-                    if self._unsubmitted:
-                        continue
+                lib.nbdu_eventfd_enable(ring, 0)
+                try:
+                    while True:
+                        if self._unsubmitted:
+                            self._unsubmitted = 0
+                            _check(lib.nbdu_submit(ring), "io_uring_submit")
+                        if self._done_now:
+                            total += self._run_done_now()
+                            continue
+                        if not lib.nbdu_cq_ready(ring):
+                            if self._unsubmitted:
+                                continue
+                            break
+                        total += self._drain()
+                finally:
+                    lib.nbdu_eventfd_enable(ring, 1)
+                if not lib.nbdu_cq_ready(ring):
                     return total
-                self._clear_eventfd()
-                total += self._drain()
         finally:
             self._submitting = False
 
@@ -249,9 +264,6 @@ class Ring:
         """Whether an operation not yet completed names ``fd`` (before closing it for good)."""
         return any(op.fd == fd for op in (*self._in_flight.values(), *self._backlog))
 
-    def _sqes_needed(self, op: _Op) -> int:
-        return 2 if op.kind == _WRITE and op.fua else 1
-
     def _start(self, op: _Op) -> None:
         if self.closed:
             raise RingError(errno.ESHUTDOWN, "ring is closed")
@@ -260,40 +272,50 @@ class Ring:
 
     def _prep(self, op: _Op) -> bool:
         """Prepare the SQE(s) for the unfinished part of ``op``; False when there is no room."""
-        need = self._sqes_needed(op)
+        kind = op.kind
+        need = 2 if kind == _WRITE and op.fua else 1
         if self._sqes_in_flight + need > self.cq_entries:
             return False
-        if lib.nbdu_sq_space(self._ring) < need:
-            self._unsubmitted = 0
-            _check(lib.nbdu_submit(self._ring), "io_uring_submit")
         op_id = self._next_id
-        self._next_id += 1
         ud = op_id << 1
         r = self._ring
-        kind = op.kind
-        if kind == _READ or kind == _WRITE:
-            chunk = min(op.length - op.done, _MAX_RW)
-            ptr = op.ptr + op.done
-            pos = op.offset + op.done
-            if kind == _READ:
-                rc = lib.nbdu_prep_read(r, op.fd, ptr, chunk, pos, ud)
-            elif op.fua:
-                rc = lib.nbdu_prep_write_linked_fsync(r, op.fd, ptr, chunk, pos, ud, ud | 1)
+        for _attempt in range(2):
+            if kind == _READ or kind == _WRITE:
+                done = op.done
+                if done:
+                    chunk = min(op.length - done, _MAX_RW)
+                    ptr = op.ptr + done
+                    pos = op.offset + done
+                else:
+                    chunk = op.length if op.length <= _MAX_RW else _MAX_RW
+                    ptr = op.ptr
+                    pos = op.offset
+                if kind == _READ:
+                    rc = lib.nbdu_prep_read(r, op.fd, ptr, chunk, pos, ud)
+                elif op.fua:
+                    rc = lib.nbdu_prep_write_linked_fsync(r, op.fd, ptr, chunk, pos, ud, ud | 1)
+                else:
+                    rc = lib.nbdu_prep_write(r, op.fd, ptr, chunk, pos, ud, op.rw_flags)
+            elif kind == _FSYNC:
+                rc = lib.nbdu_prep_fsync(r, op.fd, lib.IORING_FSYNC_DATASYNC, ud)
+            elif kind == _FALLOCATE:
+                rc = lib.nbdu_prep_fallocate(r, op.fd, op.mode, op.offset, op.length, ud)
+            elif kind == _TIMEOUT:
+                rc = lib.nbdu_prep_timeout(r, op.buf, op.length, ud)
             else:
-                rc = lib.nbdu_prep_write(r, op.fd, ptr, chunk, pos, ud, op.rw_flags)
-        elif kind == _FSYNC:
-            rc = lib.nbdu_prep_fsync(r, op.fd, lib.IORING_FSYNC_DATASYNC, ud)
-        elif kind == _FALLOCATE:
-            rc = lib.nbdu_prep_fallocate(r, op.fd, op.mode, op.offset, op.length, ud)
-        elif kind == _TIMEOUT:
-            rc = lib.nbdu_prep_timeout(r, op.buf, op.length, ud)
+                rc = lib.nbdu_prep_fadvise(
+                    r, op.fd, op.offset, op.length, lib.POSIX_FADV_WILLNEED, ud
+                )
+            if rc != _EBUSY:
+                break
+            # The submission queue is full: what is prepared goes to the kernel, then retry.
+            self._unsubmitted = 0
+            _check(lib.nbdu_submit(r), "io_uring_submit")
         else:
-            rc = lib.nbdu_prep_fadvise(
-                r, op.fd, op.offset, op.length, lib.POSIX_FADV_WILLNEED, ud
-            )
-        if rc == -errno.EBUSY:
             return False
-        _check(rc, "prepare SQE")
+        if rc < 0:
+            _check(rc, "prepare SQE")
+        self._next_id = op_id + 1
         op.waiting = need
         self._in_flight[op_id] = op
         self._sqes_in_flight += need

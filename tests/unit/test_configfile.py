@@ -133,3 +133,12 @@ def test_unix_mode_without_a_unix_socket_names_its_line() -> None:
     with pytest.raises(ConfigError) as info:
         load_config('[server]\nport = 1\nunix-mode = "0600"\n[exports.a]\npath = "/x"\n', "b")
     assert info.value.line == 3 and "need a Unix socket" in str(info.value)
+
+
+def test_poll_us() -> None:
+    cfg = load_config('[server]\npoll-us = 0\n[exports.a]\npath = "/x"\n')
+    assert cfg.poll_us == 0
+    assert load_config('[exports.a]\npath = "/x"\n').poll_us == 50
+    with pytest.raises(ConfigError) as info:
+        load_config('\n[server]\npoll-us = 20000\n[exports.a]\npath = "/x"\n', "bad.toml")
+    assert info.value.line == 2 and "poll-us" in str(info.value)
