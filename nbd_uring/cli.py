@@ -31,6 +31,7 @@ from nbd_uring.config import (
     Ordering,
     ServerConfig,
     TlsMode,
+    parse_mode,
 )
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ examples:
   nbd-uring serve disk.img --print-uri              serve an existing image
   nbd-uring serve new.img --size 4G --create        create (or extend) a sparse image
   nbd-uring serve disk.img --unix /run/disk.sock    Unix socket only
+  nbd-uring serve disk.img --unix /run/disk.sock --unix-mode 0660 --unix-group disk
   nbd-uring serve disk.img --read-only --port 0 --print-uri
 
 clients:
@@ -73,6 +75,13 @@ def parse_size(text: str) -> int:
     if m is None:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1048576, 64K, 1G)")
     return int(float(m.group(1)) * _SUFFIXES[m.group(2)])
+
+
+def _mode(text: str) -> int:
+    try:
+        return parse_mode(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _fault_rule(text: str) -> FaultRule:
@@ -115,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "-U", "--unix", metavar="PATH",
         help="listen on this Unix socket only (add --port/--bind for TCP too)",
+    )
+    serve.add_argument(
+        "--unix-mode", type=_mode, metavar="MODE",
+        help="permission bits of the --unix socket, in octal (e.g. 0660; default: the umask)",
+    )
+    serve.add_argument(
+        "--unix-group", metavar="GROUP", help="group (name or number) of the --unix socket"
     )
     serve.add_argument(
         "--print-uri", action="store_true", help="print the export's URI on stdout when ready"
@@ -401,6 +417,8 @@ def _config_from_file(args: argparse.Namespace) -> ServerConfig:
         ("tls_verify_peer", args.tls_verify_peer),
         ("max_bytes_in_flight", args.max_bytes_in_flight),
         ("max_in_flight", args.max_requests_in_flight),
+        ("unix_mode", args.unix_mode),
+        ("unix_group", args.unix_group),
     ):
         if value is not None:
             overrides[field] = value
@@ -462,6 +480,8 @@ def _serve(args: argparse.Namespace) -> int:
             bind=None if unix_only else (args.bind or DEFAULT_BIND),
             port=None if unix_only else (DEFAULT_PORT if args.port is None else args.port),
             unix_path=args.unix,
+            unix_mode=args.unix_mode,
+            unix_group=args.unix_group,
             handshake_timeout_s=args.handshake_timeout or 10.0,
             max_connections=args.max_connections,
             idle_timeout_s=args.idle_timeout,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import grp
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -170,6 +171,24 @@ class ExportConfig:
             raise ValueError("--create needs --size")
 
 
+def parse_mode(text: str) -> int:
+    """``0660``, ``660`` or ``0o660``: permission bits, always octal (as chmod takes them)."""
+    digits = text.strip().lower().removeprefix("0o")
+    if not re.fullmatch(r"[0-7]{1,4}", digits) or int(digits, 8) > 0o777:
+        raise ValueError(f"not an octal permission mode such as 0660: {text!r}")
+    return int(digits, 8)
+
+
+def group_id(group: str) -> int:
+    """A group name or number as a gid; ValueError naming it when the system has no such group."""
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"unix-group: no such group: {group!r}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     """Where to listen and what to serve. Bytes are the unit of every size here."""
@@ -178,6 +197,10 @@ class ServerConfig:
     bind: str | None = DEFAULT_BIND
     port: int | None = DEFAULT_PORT
     unix_path: str | None = None
+    unix_mode: int | None = None
+    """Permission bits of the Unix socket (e.g. 0o660); None leaves them to the umask."""
+    unix_group: str | None = None
+    """Group (name or number) to own the Unix socket; None: the server's group."""
     handshake_timeout_s: float = 10.0
     max_in_flight: int = 256
     """Requests in flight per connection; past it the reader stops reading (back-pressure)."""
@@ -214,12 +237,21 @@ class ServerConfig:
             raise ValueError(f"export names must be unique: {names}")
         if self.port is None and self.unix_path is None:
             raise ValueError("nothing to listen on: give a TCP port or a Unix socket path")
+        self._check_unix()
         if self.max_bytes_in_flight < 32 * 1024 * 1024:
             raise ValueError("max-bytes-in-flight must hold at least one 32 MiB request")
         if not 0 <= self.poll_us <= 10_000:
             raise ValueError("poll-us must be between 0 and 10000 microseconds")
         if self.max_in_flight < 1:
             raise ValueError("max-requests-in-flight must be at least 1")
+
+    def _check_unix(self) -> None:
+        if self.unix_path is None and (self.unix_mode is not None or self.unix_group is not None):
+            raise ValueError("unix-mode and unix-group need a Unix socket (unix)")
+        if self.unix_mode is not None and not 0 <= self.unix_mode <= 0o777:
+            raise ValueError(f"unix-mode must be permission bits 0000-0777, got {self.unix_mode:o}")
+        if self.unix_group is not None:
+            group_id(self.unix_group)
 
     def _check_tls(self) -> None:
         if self.tls is TlsMode.OFF:

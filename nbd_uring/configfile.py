@@ -4,6 +4,8 @@
     bind = "127.0.0.1"            # TCP address; omit port and bind for Unix only
     port = 10809
     unix = "/run/nbd-uring.sock"
+    unix-mode = "0660"            # the socket's permission bits (octal: "0660" or 0o660)
+    unix-group = "disk"           # and its group (name or number)
     handshake-timeout = 10        # seconds
     idle-timeout = 600            # seconds without a request before a client is dropped
     max-connections = 1000
@@ -43,7 +45,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from nbd_uring.config import Durability, ExportConfig, Ordering, ServerConfig, TlsMode
+from nbd_uring.config import (
+    Durability,
+    ExportConfig,
+    Ordering,
+    ServerConfig,
+    TlsMode,
+    group_id,
+    parse_mode,
+)
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([bkmgtp]?)(?:i?b)?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
@@ -103,6 +113,23 @@ def _names(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _mode(value: Any) -> int:
+    if isinstance(value, str):
+        return parse_mode(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
+        return value  # an octal literal (0o660): load_config checks that it was written so
+    raise ValueError(f'expected an octal mode such as "0660" or 0o660, got {value!r}')
+
+
+def _group(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return str(value)
+    if isinstance(value, str) and value:
+        group_id(value)
+        return value
+    raise ValueError(f"expected a group name or number, got {value!r}")
+
+
 def _export_tls(value: Any) -> bool:
     if value in ("on", "require"):
         return bool(value == "require")
@@ -125,6 +152,8 @@ _SERVER_KEYS: Mapping[str, _Key] = {
     "bind": _Key(_typed(str, "an address"), "bind"),
     "port": _Key(_port, "port"),
     "unix": _Key(_typed(str, "a socket path"), "unix_path"),
+    "unix-mode": _Key(_mode, "unix_mode"),
+    "unix-group": _Key(_group, "unix_group"),
     "handshake-timeout": _Key(_seconds, "handshake_timeout_s"),
     "idle-timeout": _Key(_seconds, "idle_timeout_s"),
     "poll-us": _Key(_typed(int, "a number of microseconds"), "poll_us"),
@@ -139,6 +168,9 @@ _SERVER_KEYS: Mapping[str, _Key] = {
     "max-bytes-in-flight": _Key(size_value, "max_bytes_in_flight"),
     "max-requests-in-flight": _Key(_typed(int, "a number"), "max_in_flight"),
 }
+_ONE_KEY_ERRORS = frozenset(
+    {"unix-mode", "unix-group", "max-bytes-in-flight", "max-requests-in-flight"}
+)
 _EXPORT_KEYS: Mapping[str, _Key] = {
     "path": _Key(_typed(str, "a file or device path"), "path"),
     "size": _Key(size_value, "size"),
@@ -230,6 +262,7 @@ def load_config(text: str, source: str = "<config>") -> ServerConfig:
             source, line, f"unknown section {name!r} (expected [server], [exports.NAME])"
         )
     server = _section(data.get("server", {}), _SERVER_KEYS, ("server",), locate, source)
+    _check_mode_literal(data.get("server", {}), locate, source)
     exports_data = data.get("exports", {})
     if not isinstance(exports_data, dict) or not exports_data:
         raise ConfigError(source, None, "no exports: add at least one [exports.NAME] table")
@@ -249,10 +282,29 @@ def load_config(text: str, source: str = "<config>") -> ServerConfig:
     try:
         config = ServerConfig(exports=tuple(exports), **server)
     except ValueError as exc:
-        raise ConfigError(source, locate.table("server"), str(exc)) from None
+        # A message about one setting ("max-requests-in-flight must be ...") points at it; one
+        # about how settings combine points at [server].
+        key = str(exc).split(" ", 1)[0].rstrip(":")
+        line = locate.key(("server",), key) if key in _ONE_KEY_ERRORS else locate.table("server")
+        raise ConfigError(source, line, str(exc)) from None
     if config.tls is not TlsMode.OFF:
         _check_tls_files(config, locate, source)
     return config
+
+
+def _check_mode_literal(data: dict[str, Any], locate: _Locator, source: str) -> None:
+    """``unix-mode = 660`` is decimal in TOML (0o1224): only a string or 0o literal is clear."""
+    if not isinstance(data.get("unix-mode"), int):
+        return
+    line = locate.key(("server",), "unix-mode")
+    text = locate.lines[line - 1] if line else ""
+    if not re.search(r"=\s*0o", text):
+        decimal = data["unix-mode"]
+        raise ConfigError(
+            source,
+            line,
+            f'unix-mode: write the mode in octal, "0660" or 0o660 ({decimal} is decimal)',
+        )
 
 
 def _check_export_tls(

@@ -389,6 +389,7 @@ class ServerHandshake:
         self._export: ExportInfo | None = None
         self._unused = bytearray()
         self._close_reason: str | None = None
+        self._refusals: list[str] = []
         self._structured = False
         self._extended = False
         self._meta: tuple[str, dict[int, str]] | None = None
@@ -441,6 +442,12 @@ class ServerHandshake:
         state ``STARTTLS`` these are plaintext the client sent before the TLS handshake, which
         the spec forbids."""
         return bytes(self._unused)
+
+    def take_refusals(self) -> list[str]:
+        """The options refused (``NBD_REP_ERR_*`` replies) since the last call, one line each
+        for the server's log: option, error and why."""
+        refusals, self._refusals = self._refusals, []
+        return refusals
 
     @property
     def close_reason(self) -> str | None:
@@ -594,6 +601,9 @@ class ServerHandshake:
             else:
                 rule.handler(self, option, data)
         except OptionError as exc:
+            self._refusals.append(
+                f"{_option_name(option)} refused with NBD_REP_{exc.rep.name}: {exc.message}"
+            )
             self._reply(option, exc.rep, _clip(exc.message))
 
     def _reply(self, option: int, rep: Rep, payload: bytes = b"") -> None:

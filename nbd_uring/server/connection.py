@@ -146,6 +146,18 @@ class _Budget:
             await self._wait()
 
 
+def _refusal(request: Request, exc: RequestError) -> str:
+    """The log line of a request refused before it ran: which one, the errno and why."""
+    try:
+        name = f"NBD_CMD_{Cmd(request.command).name}"
+    except ValueError:
+        name = f"command {request.command}"
+    return (
+        f"{name} cookie={request.cookie:#x} offset={request.offset} length={request.length} "
+        f"refused with {NbdErrno(exc.nbd_errno).name}: {exc.message}"
+    )
+
+
 class Connection:
     def __init__(self, server: Server, sock: trio.socket.SocketType, peer: str) -> None:
         self.server = server
@@ -196,6 +208,7 @@ class Connection:
         try:
             if export is not None:
                 self.export, self.info = export, export.info
+                self.peer = f"{self.peer} export {export.info.name!r}"
                 self._stats = self.server.export_chosen(export, self)
                 await self._transmit()
             elif await self._negotiate():
@@ -249,6 +262,8 @@ class Connection:
         )
         with trio.move_on_after(server.config.handshake_timeout_s) as scope:
             while True:
+                for refusal in hs.take_refusals():
+                    log.info("%s: %s", self.peer, refusal)
                 out = hs.data_to_send()
                 if out:
                     await self._send_all(out)
@@ -288,6 +303,7 @@ class Connection:
         self._contexts = hs.meta_contexts
         self._leftover = hs.unused_data
         log.info("%s: export %r chosen, transmission begins", self.peer, hs.export.name)
+        self.peer = f"{self.peer} export {hs.export.name!r}"  # every later line names it
         return True
 
     async def _start_tls(self, early: bytes) -> None:
@@ -447,7 +463,7 @@ class Connection:
                         raise RequestError(NbdErrno.ESHUTDOWN, self.draining)
                     check_request(request, info, extended=extended, meta_contexts=meta_contexts)
                 except RequestError as exc:
-                    log.info("%s: refused: %s", self.peer, exc.message)
+                    log.info("%s: %s", self.peer, _refusal(request, exc))
                     ring.submit()
                     self._unquiet()
                     pos, end = await self._discard(mv, pos, end, plen)
@@ -641,7 +657,7 @@ class Connection:
             return
         done = self._tracked(command, request.length, self._completion(request, nbytes))
         if command == Cmd.FLUSH:
-            backend.flush(done)
+            backend.flush(self._counted_flush(done))
         elif command == Cmd.TRIM:
             backend.trim(request.offset, request.length, done, fua=request.fua)
         elif command == Cmd.WRITE_ZEROES:
@@ -670,6 +686,20 @@ class Connection:
 
         def finished(err: int) -> None:
             stats.finished(command, nbytes, err, time.monotonic() - start)
+            done(err)
+
+        return finished
+
+    def _counted_flush(self, done: Completion) -> Completion:
+        """With --metrics: a FLUSH counts as waiting until earlier writes and its fdatasync
+        are done."""
+        stats = self._stats
+        if stats is None:
+            return done
+        stats.flushes_waiting += 1
+
+        def finished(err: int) -> None:
+            stats.flushes_waiting -= 1
             done(err)
 
         return finished
@@ -786,8 +816,10 @@ class Connection:
         if nbd_error is None:
             nbd_error = nbd_errno_for(err) if err else 0
             if err:
-                reason = errno.errorcode.get(err, str(err))
-                log.info("%s: request cookie=%#x failed: %s", self.peer, cookie, reason)
+                reason = self._failure_message(request, err)
+                if request is None:
+                    reason = f"failed: {reason} ({errno.errorcode.get(err, err)})"
+                log.info("%s: request cookie=%#x: %s", self.peer, cookie, reason)
         if nbd_error and data is not None:
             data.release()
             data = None

@@ -102,7 +102,8 @@ class Collector:
             "nbd_uring_connections", "Client connections accepted", labels=["export"]
         )
         flush_waits = GaugeMetricFamily(
-            "nbd_uring_flushes_waiting", "FLUSH requests waiting for earlier writes",
+            "nbd_uring_flushes_waiting",
+            "FLUSH requests waiting for earlier writes and their fdatasync",
             labels=["export"],
         )
         deferred = CounterMetricFamily(

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import trio
 
-from nbd_uring.config import ExportConfig, ServerConfig, TlsMode
+from nbd_uring.config import ExportConfig, ServerConfig, TlsMode, group_id
 from nbd_uring.engine.buffers import BufferPool
 from nbd_uring.engine.export import Export
 from nbd_uring.engine.faults import FaultInjector
@@ -50,6 +50,8 @@ _RESTART_FIELDS = (
     "bind",
     "port",
     "unix_path",
+    "unix_mode",
+    "unix_group",
     "ring_entries",
     "metrics",
     "tls",
@@ -482,6 +484,11 @@ class Server:
         cfg = self.config
         socks: list[trio.socket.SocketType] = []
         if self._inherited:
+            if cfg.unix_mode is not None or cfg.unix_group is not None:
+                log.warning(
+                    "socket activation: unix-mode and unix-group are ignored (the socket unit's "
+                    "SocketMode= and SocketGroup= set them)"
+                )
             for inherited in self._inherited:
                 sock = trio.socket.from_stdlib_socket(inherited)
                 socks.append(sock)
@@ -492,10 +499,10 @@ class Server:
         try:
             if cfg.unix_path is not None:
                 _remove_stale_socket(cfg.unix_path)
-                sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock = trio.socket.from_stdlib_socket(
+                    _listen_unix(cfg.unix_path, cfg.unix_mode, cfg.unix_group)
+                )
                 socks.append(sock)
-                await sock.bind(cfg.unix_path)
-                sock.listen(128)
                 self.addresses.append(
                     ListenAddress(socket.AF_UNIX, cfg.unix_path, self.tls_required)
                 )
@@ -631,6 +638,43 @@ def _sync_and_close(served: ServedExport) -> None:
         except OSError as exc:
             log.error("fdatasync of %s at shutdown failed: %s", served.config.path, exc)
     served.backend.close()
+
+
+def _listen_unix(path: str, mode: int | None, group: str | None) -> socket.socket:
+    """A listening Unix socket at ``path`` that is never reachable more widely than ``mode``
+    and ``group`` say: with either given, it is bound under umask 0777 (the file appears with
+    no permission bits, and nobody could connect before ``listen`` anyway), then given its
+    group and mode, and only then listens. The umask is process-wide, but nothing else
+    creates files while the server starts its listeners."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound = False
+    try:
+        if mode is None and group is None:
+            sock.bind(path)
+            bound = True
+        else:
+            umask = os.umask(0o777)
+            try:
+                sock.bind(path)
+                bound = True
+            finally:
+                os.umask(umask)
+            if group is not None:
+                try:
+                    os.chown(path, -1, group_id(group))
+                except OSError as exc:
+                    raise OSError(
+                        exc.errno, f"cannot give {path} to group {group!r}: {exc.strerror}"
+                    ) from None
+            os.chmod(path, 0o777 & ~umask if mode is None else mode)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        if bound:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
+    return sock
 
 
 def _remove_stale_socket(path: str) -> None:

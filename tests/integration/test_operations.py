@@ -3,6 +3,7 @@ activation, pidfile, metrics, clean shutdown."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
@@ -95,6 +96,18 @@ def test_server_allow_list_refuses_other_addresses(start_nbd_server: StartServer
     assert "address not in the server's allow list" in server.stderr_text()
 
 
+def test_allow_list_refuses_a_loopback_alias(start_nbd_server: StartServer) -> None:
+    """--allow 127.0.0.1: a client from the alias 127.0.0.2 is closed before the greeting and
+    the log names its address; 127.0.0.1 is served."""
+    server = start_nbd_server(tcp=True, extra_args=("--allow", "127.0.0.1"))
+    refused = connect_from(server, "127.0.0.2")
+    port = refused.getsockname()[1]
+    expect_closed(refused)
+    served = raw_from(server, "127.0.0.1").handshake()
+    served.disconnect()
+    wait_for_log(server, f"127.0.0.2:{port}: refused: address not in the server's allow list")
+
+
 def test_max_connections(start_nbd_server: StartServer) -> None:
     server = start_nbd_server(extra_args=("--max-connections", "2"))
     a = RawClient(server).handshake()
@@ -180,6 +193,11 @@ def test_config_file_exports_and_per_export_policy(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(timeout=15) == 0
+    assert proc.stderr is not None
+    log = proc.stderr.read().decode()
+    assert "NBD_OPT_GO refused with NBD_REP_ERR_POLICY: export 'private' is not available to " \
+        "127.0.0.1" in log
+    assert "refused with NBD_REP_ERR_POLICY: export 'private' has reached its limit" in log
 
 
 def test_check_config_points_at_the_line(tmp_path: Path) -> None:
@@ -254,6 +272,45 @@ def test_systemd_socket_activate_and_sd_notify(tmp_path: Path) -> None:
         proc.wait(timeout=15)
 
 
+def test_socket_activation_with_several_sockets_and_sd_notify(tmp_path: Path) -> None:
+    """systemd-socket-activate hands over a Unix and a TCP socket (LISTEN_FDS=2): both are
+    served; NOTIFY_SOCKET gets READY=1 once listening and STOPPING=1 at SIGTERM, exit 0."""
+    if not Path("/usr/bin/systemd-socket-activate").exists():
+        pytest.skip("systemd-socket-activate is not installed")
+    disk = make_sparse(tmp_path / "d.img", 2 * MiB)
+    sock = tmp_path / "act.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(15)
+    port = free_tcp_port()
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "-l", str(sock), "-l", f"127.0.0.1:{port}",
+         "-E", f"NOTIFY_SOCKET={tmp_path / 'notify.sock'}", "-E", f"PYTHONPATH={REPO_ROOT}",
+         sys.executable, "-m", "nbd_uring", "serve", str(disk), "-v"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        for uri in (f"nbd://127.0.0.1:{port}/", f"nbd+unix:///?socket={sock}"):
+            out = subprocess.run(["nbdinfo", "--size", uri],
+                                 capture_output=True, text=True, timeout=60, check=True)
+            assert out.stdout.strip() == str(2 * MiB)
+        assert notify.recv(4096) == b"READY=1"
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+        assert notify.recv(4096) == b"STOPPING=1"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.close()
+    assert proc.stderr is not None
+    assert "serving 2 inherited socket(s)" in proc.stderr.read().decode()
+
+
 def test_metrics_endpoint(start_nbd_server: StartServer) -> None:
     port = free_tcp_port()
     server = start_nbd_server(extra_args=("--metrics", f"127.0.0.1:{port}"))
@@ -299,6 +356,30 @@ def test_sigterm_drains_in_flight_requests(start_nbd_server: StartServer) -> Non
         assert f.read(4096) == b"D" * 4096
 
 
+def test_sigterm_exit_is_bounded_when_a_request_never_finishes(
+    start_nbd_server: StartServer,
+) -> None:
+    """A READ held 60 s by a fault rule and --shutdown-timeout 1: SIGTERM still ends the
+    process with status 0 within the shutdown timeout plus the ring's 10 s grace for I/O the
+    kernel has not finished, and the log says why it stopped waiting."""
+    server = start_nbd_server(
+        extra_args=("--fault", "read:delay=60s", "--shutdown-timeout", "1")
+    )
+    client = RawClient(server).handshake()
+    client.request(0, 0, 512)  # NBD_CMD_READ, held 60 s
+    wait_for_log(server, "transmission begins")
+    time.sleep(0.2)  # the request reaches the server
+    start = time.monotonic()
+    server.proc.send_signal(15)
+    assert server.proc.wait(timeout=30) == 0
+    assert time.monotonic() - start < 20
+    server.killed = True  # stopped here on purpose
+    log = server.stderr_text()
+    assert "clients still connected after 1 s: closing them" in log
+    assert "Traceback" not in log
+    client.close()
+
+
 def test_metrics_count_what_fio_did(start_nbd_server: StartServer) -> None:
     """Scraped after a fio run of exactly 256 4k writes then 256 4k reads, the counters say
     so, bytes and latency histogram included."""
@@ -317,6 +398,83 @@ def test_metrics_count_what_fio_did(start_nbd_server: StartServer) -> None:
         assert f"nbd_uring_bytes_total{{{labels}}} 1.048576e+06" in text, text
         assert f'nbd_uring_request_latency_seconds_count{{{labels}}} 256.0' in text
     assert 'nbd_uring_requests_in_flight{export=""} 0.0' in text
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in:\n{text}")
+
+
+def test_metrics_scraped_during_a_fio_run(start_nbd_server: StartServer, tmp_path: Path) -> None:
+    """While a (rate-limited) fio job runs, a scrape shows part of its reads counted and the
+    connection open; after it, the count is exactly the I/Os fio reports."""
+    port = free_tcp_port()
+    server = start_nbd_server(tcp=True, extra_args=("--metrics", f"127.0.0.1:{port}"))
+    out = tmp_path / "fio.json"
+    fio = subprocess.Popen(
+        ["fio", "--name=m", "--ioengine=nbd", f"--uri={server.uri}", "--rw=randread",
+         "--bs=4k", "--size=4m", "--iodepth=4", "--rate_iops=200", "--time_based",
+         "--runtime=3", "--invalidate=0", "--output-format=json", f"--output={out}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}/metrics"
+    reads = 'nbd_uring_requests_total{command="read",export=""}'
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            text = urllib.request.urlopen(url, timeout=10).read().decode()
+            if reads in text and metric(text, reads) >= 50:
+                break
+            assert time.monotonic() < deadline and fio.poll() is None, text
+            time.sleep(0.1)
+        assert fio.poll() is None, "the scrape came after fio had finished"
+        assert metric(text, 'nbd_uring_connections{export=""}') == 1
+        assert metric(text, 'nbd_uring_requests_in_flight{export=""}') >= 0
+        during = metric(text, reads)
+        assert fio.wait(timeout=60) == 0, fio.stderr.read() if fio.stderr else ""
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+            fio.wait()
+    total = json.loads(out.read_text())["jobs"][0]["read"]["total_ios"]
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    assert during < total
+    assert metric(text, reads) == total
+    assert metric(text, 'nbd_uring_bytes_total{command="read",export=""}') == total * 4096
+    assert metric(text, 'nbd_uring_request_latency_seconds_count{command="read",export=""}') == (
+        total
+    )
+
+
+def test_metrics_show_a_flush_waiting_for_an_earlier_write(
+    start_nbd_server: StartServer,
+) -> None:
+    """A WRITE held 2 s by a fault rule, then a FLUSH: while the write is held the FLUSH is
+    counted as waiting; once both are answered the gauge is back to 0."""
+    port = free_tcp_port()
+    server = start_nbd_server(
+        extra_args=("--metrics", f"127.0.0.1:{port}", "--fault", "write@0-4k:delay=2s")
+    )
+    url = f"http://127.0.0.1:{port}/metrics"
+    gauge = 'nbd_uring_flushes_waiting{export=""}'
+    client = RawClient(server).handshake()
+    write = client.request(1, 0, 4096, payload=b"W" * 4096)  # NBD_CMD_WRITE, held 2 s
+    flush = client.request(3, 0, 0)  # NBD_CMD_FLUSH
+    deadline = time.monotonic() + 10
+    while metric(urllib.request.urlopen(url, timeout=10).read().decode(), gauge) != 1:
+        assert time.monotonic() < deadline, "the FLUSH was never counted as waiting"
+        time.sleep(0.05)
+    replies = {}
+    for _ in range(2):
+        _magic, error, cookie = struct.unpack(">IIQ", recv_exact(client.sock, 16))
+        replies[cookie] = error
+    assert replies == {write: 0, flush: 0}
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    assert metric(text, gauge) == 0
+    assert metric(text, 'nbd_uring_requests_total{command="flush",export=""}') == 1
+    client.disconnect()
 
 
 def test_idle_timeout_closes_only_idle_connections(start_nbd_server: StartServer) -> None:
@@ -356,3 +514,22 @@ def test_scratch_export_is_removed_at_exit(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(timeout=30)
         assert list(scratch_root.iterdir()) == [], f"left behind after SIGTERM at {delay} s"
+
+
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ("max-requests-in-flight = 0", "max-requests-in-flight must be at least 1"),
+        ('max-bytes-in-flight = "1M"', "max-bytes-in-flight must hold at least one 32 MiB"),
+        ('tls = "on"', "tls on needs a server certificate and key"),
+    ],
+)
+def test_check_config_reports_other_server_settings(
+    tmp_path: Path, setting: str, words: str
+) -> None:
+    """check-config validates what serve would: in-flight caps and TLS too."""
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(f'[server]\nport = 1\n{setting}\n[exports.a]\npath = "/x"\n')
+    bad = nbd_uring("check-config", str(cfg))
+    line = 1 if setting.startswith("tls") else 3
+    assert bad.returncode == 1 and f"{cfg}:{line}: {words}" in bad.stderr, bad.stderr

@@ -96,7 +96,43 @@ def test_in_flight_caps() -> None:
 def test_in_flight_caps_too_small(setting: str, words: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(f'\n[server]\n{setting}\n[exports.a]\npath = "/x"\n', "bad.toml")
-    assert info.value.line == 2 and words in str(info.value)
+    assert info.value.line == 3 and words in str(info.value)  # the setting's own line
+
+
+def test_unix_socket_permissions() -> None:
+    cfg = load_config(
+        '[server]\nunix = "/run/s.sock"\nunix-mode = "0660"\nunix-group = "daemon"\n'
+        '[exports.a]\npath = "/x"\n'
+    )
+    assert (cfg.unix_mode, cfg.unix_group) == (0o660, "daemon")
+    literal = load_config('[server]\nunix = "/s"\nunix-mode = 0o640\nunix-group = 0\n'
+                          '[exports.a]\npath = "/x"\n')
+    assert (literal.unix_mode, literal.unix_group) == (0o640, "0")
+    assert load_config('[server]\nunix = "/s"\n[exports.a]\npath = "/x"\n').unix_mode is None
+
+
+@pytest.mark.parametrize(
+    ("setting", "line", "words"),
+    [
+        ('unix-mode = "0999"', 4, "not an octal permission mode"),
+        ('unix-mode = "01777"', 4, "not an octal permission mode"),
+        ("unix-mode = 420", 4, "(420 is decimal)"),
+        ("unix-mode = 660", 4, "expected an octal mode"),
+        ("unix-mode = 0o1777", 4, "expected an octal mode"),
+        ('unix-group = "no-such-group-here"', 4, "no such group: 'no-such-group-here'"),
+        ("unix-group = true", 4, "expected a group name or number"),
+    ],
+)
+def test_unix_socket_permission_errors_name_the_line(setting: str, line: int, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(f'\n[server]\nunix = "/s"\n{setting}\n[exports.a]\npath = "/x"\n', "b.toml")
+    assert info.value.line == line and words in str(info.value), str(info.value)
+
+
+def test_unix_mode_without_a_unix_socket_names_its_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config('[server]\nport = 1\nunix-mode = "0600"\n[exports.a]\npath = "/x"\n', "b")
+    assert info.value.line == 3 and "need a Unix socket" in str(info.value)
 
 
 def test_poll_us() -> None:
