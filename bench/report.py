@@ -112,6 +112,27 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
 
+    # client CPU table
+    lines.append("## Client CPU: fio's own use, % of one CPU (all its jobs)")
+    lines.append("")
+    lines.append(
+        "fio's usr+sys CPU during the run, from its JSON. One fio job near 100% is the client "
+        "running flat out: a faster server cannot raise that row's figure on this machine."
+    )
+    lines.append("")
+    head = ["workload", "fio jobs", *servers]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
+    for row in summary.values():
+        res = row["results"]
+        cells = [row["title"], str(row.get("numjobs", "—"))]
+        for s in servers:
+            r = res.get(s)
+            v = r.get("fio_cpu_pct") if r else None
+            cells.append(f"{v:.0f}%" if v is not None else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+
     # notes
     lines.append("## Notes")
     lines.append("")

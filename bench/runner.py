@@ -179,6 +179,9 @@ def parse_fio(path: Path) -> dict[str, Any]:
         "p99_us": p99,
         "runtime_s": float(job["job_runtime"]) / 1000.0 if "job_runtime" in job else None,
         "fio_error": int(job.get("error", 0)),
+        # The client's own CPU (all its jobs, % of one CPU): near 100 per job, fio is the
+        # bottleneck and no server could go faster on this machine.
+        "fio_cpu_pct": float(job.get("usr_cpu", 0.0)) + float(job.get("sys_cpu", 0.0)),
     }
 
 
@@ -280,6 +283,7 @@ def summarize(
                 "mib_s_median": statistics.median(float(r["mib_s"]) for r in ok),
                 "p99_us_median": statistics.median(float(r["p99_us"]) for r in ok),
                 "cpu_s_per_mop": statistics.median(cpus) if cpus else None,
+                "fio_cpu_pct": statistics.median(float(r.get("fio_cpu_pct", 0.0)) for r in ok),
             }
         peers = {
             t: row[t]["median"] for t in targets if t not in ("nbd-uring", CEILING) and row.get(t)
@@ -295,6 +299,7 @@ def summarize(
         out[w.name] = {
             "title": w.title,
             "metric": w.metric,
+            "numjobs": w.numjobs,
             "target_ratio": w.target,
             "results": row,
             "best_peer": best_peer,
