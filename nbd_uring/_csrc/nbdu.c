@@ -16,21 +16,36 @@
 struct nbdu_ring {
     struct io_uring ring;
     struct io_uring_probe *probe;
+    int deferred; /* IORING_SETUP_DEFER_TASKRUN: completions wait for io_uring_enter */
 };
 
 struct nbdu_ring *nbdu_ring_new(unsigned entries, unsigned flags, int *err)
 {
+    /* flags: 1 asks for one issuer with deferred task work (kernel 6.1+): completions
+     * from io-wq are then posted in batches by this thread instead of one by one by the
+     * workers. Older kernels refuse the flags; the ring is then set up without them. */
+    static const unsigned tries[] = {
+        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
+        IORING_SETUP_SINGLE_ISSUER,
+        0,
+    };
     struct nbdu_ring *r = calloc(1, sizeof(*r));
     if (r == NULL) {
         *err = -ENOMEM;
         return NULL;
     }
-    int rc = io_uring_queue_init(entries, &r->ring, flags);
+    int rc = -EINVAL;
+    for (unsigned i = (flags & 1) ? 0 : 2; i < sizeof(tries) / sizeof(tries[0]); i++) {
+        rc = io_uring_queue_init(entries, &r->ring, tries[i]);
+        if (rc != -EINVAL)
+            break;
+    }
     if (rc < 0) {
         free(r);
         *err = rc;
         return NULL;
     }
+    r->deferred = (r->ring.flags & IORING_SETUP_DEFER_TASKRUN) != 0;
     r->probe = io_uring_get_probe_ring(&r->ring);
     *err = 0;
     return r;
@@ -177,7 +192,31 @@ int nbdu_prep_timeout(struct nbdu_ring *r, struct __kernel_timespec *ts, uint64_
 
 int nbdu_submit(struct nbdu_ring *r)
 {
+    /* With deferred task work, the same system call also posts what has completed. */
+    if (r->deferred)
+        return io_uring_submit_and_get_events(&r->ring);
     return io_uring_submit(&r->ring);
+}
+
+int nbdu_get_events(struct nbdu_ring *r)
+{
+    if (!r->deferred)
+        return 0;
+    return io_uring_get_events(&r->ring);
+}
+
+int nbdu_work_pending(struct nbdu_ring *r)
+{
+    /* Completions queued as deferred task work, not posted yet (the kernel sets the flag
+     * when the first one is queued, whether or not the eventfd was signalled). */
+    if (!r->deferred)
+        return 0;
+    return (IO_URING_READ_ONCE(*r->ring.sq.kflags) & IORING_SQ_TASKRUN) != 0;
+}
+
+int nbdu_deferred(struct nbdu_ring *r)
+{
+    return r->deferred;
 }
 
 int nbdu_reap(struct nbdu_ring *r, uint64_t *user_data, int32_t *res, unsigned max)

@@ -30,4 +30,7 @@ int nbdu_prep_timeout(struct nbdu_ring *r, struct __kernel_timespec *ts, uint64_
                       uint64_t user_data);
 
 int nbdu_submit(struct nbdu_ring *r);
+int nbdu_get_events(struct nbdu_ring *r);
+int nbdu_work_pending(struct nbdu_ring *r);
+int nbdu_deferred(struct nbdu_ring *r);
 int nbdu_reap(struct nbdu_ring *r, uint64_t *user_data, int32_t *res, unsigned max);

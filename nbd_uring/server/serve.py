@@ -26,7 +26,7 @@ from nbd_uring.config import ExportConfig, ServerConfig, TlsMode, group_id
 from nbd_uring.engine.buffers import BufferPool
 from nbd_uring.engine.export import Export
 from nbd_uring.engine.faults import FaultInjector
-from nbd_uring.engine.ring import Ring
+from nbd_uring.engine.ring import STALL_CHECK_S, Ring
 from nbd_uring.protocol import (
     ExportInfo,
     OptionError,
@@ -540,7 +540,11 @@ class Server:
     async def _reaper_task(self) -> None:
         ring = self.ring
         while True:
-            await trio.lowlevel.wait_readable(ring.eventfd)
+            if ring.deferred and ring.in_flight:
+                with trio.move_on_after(STALL_CHECK_S):
+                    await trio.lowlevel.wait_readable(ring.eventfd)
+            else:
+                await trio.lowlevel.wait_readable(ring.eventfd)
             ring.reap()
 
     async def _accept_task(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
