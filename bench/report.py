@@ -113,11 +113,13 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append("")
 
     # client CPU table
-    lines.append("## Client CPU: fio's own use, % of one CPU (all its jobs)")
+    lines.append("## Client CPU: fio's own use, % of one CPU")
     lines.append("")
     lines.append(
-        "fio's usr+sys CPU during the run, from its JSON. One fio job near 100% is the client "
-        "running flat out: a faster server cannot raise that row's figure on this machine."
+        "fio's usr+sys CPU during the run (its JSON gives the average per job; shown here "
+        "times the number of jobs). A single fio job near 100% is the client running flat out: "
+        "no server can raise that row's figure on this machine. Client and server share 2 "
+        "CPUs, so every row's total is bounded by 200% minus the server's share."
     )
     lines.append("")
     head = ["workload", "fio jobs", *servers]
@@ -129,7 +131,8 @@ def markdown(result: dict[str, Any]) -> str:
         for s in servers:
             r = res.get(s)
             v = r.get("fio_cpu_pct") if r else None
-            cells.append(f"{v:.0f}%" if v is not None else "—")
+            jobs = int(row.get("numjobs") or 1)
+            cells.append(f"{v * jobs:.0f}%" if v is not None else "—")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
 

@@ -179,8 +179,8 @@ def parse_fio(path: Path) -> dict[str, Any]:
         "p99_us": p99,
         "runtime_s": float(job["job_runtime"]) / 1000.0 if "job_runtime" in job else None,
         "fio_error": int(job.get("error", 0)),
-        # The client's own CPU (all its jobs, % of one CPU): near 100 per job, fio is the
-        # bottleneck and no server could go faster on this machine.
+        # The client's own CPU, % of one CPU, averaged over its jobs (group reporting): near
+        # 100, fio is the bottleneck and no server could go faster on this machine.
         "fio_cpu_pct": float(job.get("usr_cpu", 0.0)) + float(job.get("sys_cpu", 0.0)),
     }
 
