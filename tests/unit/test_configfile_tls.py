@@ -3,26 +3,12 @@ certificate files loaded at check time."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from nbd_uring.config import ExportConfig, ServerConfig, TlsMode
 from nbd_uring.configfile import ConfigError, load_config
-
-
-@pytest.fixture(scope="module")
-def pem(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate and its key (it also serves as a CA file)."""
-    root = tmp_path_factory.mktemp("pem")
-    cert, key = root / "cert.pem", root / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=t"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return cert, key
 
 
 def _server(cert: Path, key: Path, extra: str = "") -> str:
