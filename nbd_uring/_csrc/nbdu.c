@@ -208,7 +208,8 @@ int nbdu_get_events(struct nbdu_ring *r)
 int nbdu_work_pending(struct nbdu_ring *r)
 {
     /* Completions queued as deferred task work, not posted yet (the kernel sets the flag
-     * when the first one is queued, whether or not the eventfd was signalled). */
+     * when the first one is queued, whether or not the eventfd was signalled). A hint only:
+     * the flag may stay set after the work has run, so callers must not loop on it. */
     if (!r->deferred)
         return 0;
     return (IO_URING_READ_ONCE(*r->ring.sq.kflags) & IORING_SQ_TASKRUN) != 0;
