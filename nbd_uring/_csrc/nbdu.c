@@ -82,11 +82,6 @@ unsigned nbdu_cq_ready(struct nbdu_ring *r)
     return io_uring_cq_ready(&r->ring);
 }
 
-unsigned nbdu_sq_space(struct nbdu_ring *r)
-{
-    return io_uring_sq_space_left(&r->ring);
-}
-
 unsigned nbdu_cq_entries(struct nbdu_ring *r)
 {
     return r->ring.cq.ring_entries;

@@ -8,7 +8,6 @@ void nbdu_ring_free(struct nbdu_ring *r);
 int nbdu_register_eventfd(struct nbdu_ring *r, int efd, int async_only);
 int nbdu_eventfd_enable(struct nbdu_ring *r, int enabled);
 unsigned nbdu_cq_ready(struct nbdu_ring *r);
-unsigned nbdu_sq_space(struct nbdu_ring *r);
 unsigned nbdu_cq_entries(struct nbdu_ring *r);
 unsigned nbdu_sq_entries(struct nbdu_ring *r);
 int nbdu_opcode_supported(struct nbdu_ring *r, int op);

@@ -153,15 +153,10 @@ class Export:
                 tracker.release(entry)
                 done(err)
 
-            if offset + len(buf) > self._tail_start:
-                if entry.blockers:
-                    entry.defer(lambda: self._read_at(buf, offset, finished))
-                else:
-                    self._read_at(buf, offset, finished)
-            elif entry.blockers:
-                entry.defer(lambda: self.ring.read(self.fd, buf, offset, finished, ptr))
+            if entry.blockers:
+                entry.defer(lambda: self._read_at(buf, offset, finished, ptr))
             else:
-                self.ring.read(self.fd, buf, offset, finished, ptr)
+                self._read_at(buf, offset, finished, ptr)
             return
         self._ordered(
             "read", offset, len(buf), False, lambda fin: self._read_at(buf, offset, fin), done
@@ -330,11 +325,12 @@ class Export:
 
     # -- direct I/O: the unaligned tail -------------------------------------------------
 
-    def _read_at(self, buf: memoryview, offset: int, done: Completion) -> None:
-        """Read through ``fd``, and through ``_tail_fd`` for the part past ``_tail_start``."""
+    def _read_at(self, buf: memoryview, offset: int, done: Completion, ptr: Any = None) -> None:
+        """Read through ``fd``, and through ``_tail_fd`` for the part past ``_tail_start``
+        (``ptr``: ``buf``'s address, when the caller has one)."""
         split = self._tail_start - offset
         if offset + len(buf) <= self._tail_start:
-            self.ring.read(self.fd, buf, offset, done)
+            self.ring.read(self.fd, buf, offset, done, ptr)
         elif split <= 0:
             self.ring.read(self._tail_fd, buf, offset, done)
         else:

@@ -307,41 +307,14 @@ class Ring:
             return False
         op_id = self._next_id
         ud = op_id << 1
-        r = self._ring
-        for _attempt in range(2):
-            if kind == _READ or kind == _WRITE:
-                done = op.done
-                if done:
-                    chunk = min(op.length - done, _MAX_RW)
-                    ptr = op.ptr + done
-                    pos = op.offset + done
-                else:
-                    chunk = op.length if op.length <= _MAX_RW else _MAX_RW
-                    ptr = op.ptr
-                    pos = op.offset
-                if kind == _READ:
-                    rc = lib.nbdu_prep_read(r, op.fd, ptr, chunk, pos, ud)
-                elif op.fua:
-                    rc = lib.nbdu_prep_write_linked_fsync(r, op.fd, ptr, chunk, pos, ud, ud | 1)
-                else:
-                    rc = lib.nbdu_prep_write(r, op.fd, ptr, chunk, pos, ud, op.rw_flags)
-            elif kind == _FSYNC:
-                rc = lib.nbdu_prep_fsync(r, op.fd, lib.IORING_FSYNC_DATASYNC, ud)
-            elif kind == _FALLOCATE:
-                rc = lib.nbdu_prep_fallocate(r, op.fd, op.mode, op.offset, op.length, ud)
-            elif kind == _TIMEOUT:
-                rc = lib.nbdu_prep_timeout(r, op.buf, op.length, ud)
-            else:
-                rc = lib.nbdu_prep_fadvise(
-                    r, op.fd, op.offset, op.length, lib.POSIX_FADV_WILLNEED, ud
-                )
-            if rc != _EBUSY:
-                break
+        rc = self._prep_sqes(op, ud)
+        if rc == _EBUSY:
             # The submission queue is full: what is prepared goes to the kernel, then retry.
             self._unsubmitted = 0
-            _check(lib.nbdu_submit(r), "io_uring_submit")
-        else:
-            return False
+            _check(lib.nbdu_submit(self._ring), "io_uring_submit")
+            rc = self._prep_sqes(op, ud)
+            if rc == _EBUSY:
+                return False
         if rc < 0:
             _check(rc, "prepare SQE")
         self._next_id = op_id + 1
@@ -350,6 +323,37 @@ class Ring:
         self._sqes_in_flight += need
         self._unsubmitted += need
         return True
+
+    def _prep_sqes(self, op: _Op, ud: int) -> int:
+        """Fill the SQE(s) for ``op``'s unfinished part, tagged ``ud``: 0, or -errno (-EBUSY
+        when the submission queue has no room)."""
+        r = self._ring
+        kind = op.kind
+        if kind == _READ or kind == _WRITE:
+            done = op.done
+            if done:
+                chunk = min(op.length - done, _MAX_RW)
+                ptr = op.ptr + done
+                pos = op.offset + done
+            else:
+                chunk = op.length if op.length <= _MAX_RW else _MAX_RW
+                ptr = op.ptr
+                pos = op.offset
+            if kind == _READ:
+                rc: int = lib.nbdu_prep_read(r, op.fd, ptr, chunk, pos, ud)
+            elif op.fua:
+                rc = lib.nbdu_prep_write_linked_fsync(r, op.fd, ptr, chunk, pos, ud, ud | 1)
+            else:
+                rc = lib.nbdu_prep_write(r, op.fd, ptr, chunk, pos, ud, op.rw_flags)
+        elif kind == _FSYNC:
+            rc = lib.nbdu_prep_fsync(r, op.fd, lib.IORING_FSYNC_DATASYNC, ud)
+        elif kind == _FALLOCATE:
+            rc = lib.nbdu_prep_fallocate(r, op.fd, op.mode, op.offset, op.length, ud)
+        elif kind == _TIMEOUT:
+            rc = lib.nbdu_prep_timeout(r, op.buf, op.length, ud)
+        else:
+            rc = lib.nbdu_prep_fadvise(r, op.fd, op.offset, op.length, lib.POSIX_FADV_WILLNEED, ud)
+        return rc
 
     # -- completion ---------------------------------------------------------------------
 
@@ -403,12 +407,7 @@ class Ring:
         if res == op.length and not op.done and not op.fua and op.kind <= _WRITE:
             # The common case, a read or write done whole in one go: straight to the callback.
             del self._in_flight[op_id]
-            callback = op.callback
-            op.buf = op.ptr = None
-            try:
-                callback(0)
-            except Exception:
-                log.exception("completion callback failed")
+            self._finish(op, 0)
             return
         op.waiting -= 1
         if op.kind == _WRITE and op.fua:

@@ -58,11 +58,13 @@ from nbd_uring.protocol.transmission import (
     check_request,
     decode_extended_request,
     decode_request,
+    encode_data_chunk,
     encode_extended_request,
     encode_request,
     encode_simple_reply,
     extended_payload_length,
     payload_length,
+    unpack_request_from,
 )
 
 __all__ = [
@@ -110,6 +112,7 @@ __all__ = [
     "check_request",
     "decode_extended_request",
     "decode_request",
+    "encode_data_chunk",
     "encode_extended_request",
     "encode_request",
     "encode_simple_reply",
@@ -117,4 +120,5 @@ __all__ = [
     "nbd_errno_for",
     "payload_length",
     "transmission_flags_for",
+    "unpack_request_from",
 ]

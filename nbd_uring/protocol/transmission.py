@@ -37,6 +37,8 @@ _EXTENDED_HEADER: Final = struct.Struct(">IHHQQQ")
 _U64: Final = struct.Struct(">Q")
 _HOLE: Final = struct.Struct(">QI")
 _ERROR_HEAD: Final = struct.Struct(">IH")
+_DATA_CHUNK: Final = struct.Struct(">IHHQIQ")
+_OFFSET_DATA: Final = int(ReplyType.OFFSET_DATA)
 _PAYLOAD_LEN: Final = int(CmdFlag.PAYLOAD_LEN)
 _DONE: Final = int(ReplyFlag.DONE)
 _FUA: Final = int(CmdFlag.FUA)
@@ -139,6 +141,21 @@ def payload_length(request: Request) -> int:
 def encode_simple_reply(cookie: int, error: int = 0) -> bytes:
     """The 16-byte simple reply header; a successful READ's data follows it."""
     return _SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, error, cookie)
+
+
+unpack_request_from: Final = _REQUEST.unpack_from
+"""``(magic, flags, command, cookie, offset, length)`` of the compact header at an offset of a
+buffer, unchecked: for a server's fast path, which validates the fields itself and hands
+anything unusual to :func:`decode_request`."""
+
+
+def encode_data_chunk(cookie: int, offset: int, length: int) -> bytes:
+    """Header and offset of the one structured (compact) ``NBD_REPLY_TYPE_OFFSET_DATA`` chunk,
+    flagged DONE, that answers a whole READ; ``length`` data bytes must follow. The same bytes
+    as ``ChunkEncoder(extended=False).offset_data(..., done=True)``, in one struct call."""
+    return _DATA_CHUNK.pack(
+        NBD_STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, 8 + length, offset
+    )
 
 
 def _clip_message(message: str) -> bytes:

@@ -13,7 +13,6 @@ import logging
 import mmap
 import os
 import socket
-import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -21,11 +20,10 @@ from typing import TYPE_CHECKING
 import trio
 
 from nbd_uring.engine.buffers import Buffer
+from nbd_uring.engine.ring import Completion
 from nbd_uring.protocol import (
     EXTENDED_REQUEST_SIZE,
     NBD_REQUEST_MAGIC,
-    NBD_SIMPLE_REPLY_MAGIC,
-    NBD_STRUCTURED_REPLY_MAGIC,
     REQUEST_SIZE,
     AllocationState,
     ChunkEncoder,
@@ -35,8 +33,6 @@ from nbd_uring.protocol import (
     HandshakeState,
     NbdErrno,
     ProtocolViolation,
-    ReplyFlag,
-    ReplyType,
     Request,
     RequestError,
     ServerHandshake,
@@ -44,14 +40,14 @@ from nbd_uring.protocol import (
     check_request,
     decode_extended_request,
     decode_request,
+    encode_data_chunk,
     encode_simple_reply,
     extended_payload_length,
     nbd_errno_for,
     payload_length,
+    unpack_request_from,
 )
 from nbd_uring.server.tls import TlsError, TlsSocket, TlsTransport
-
-Completion = Callable[[int], None]
 
 if TYPE_CHECKING:
     from nbd_uring.server.metrics import Stats
@@ -80,13 +76,6 @@ READ_HOLE_MIN = 64 * 1024
 _READ = int(Cmd.READ)
 _WRITE = int(Cmd.WRITE)
 _READ_ONLY = int(TransmissionFlag.READ_ONLY)
-# The fast path's codecs: a compact request header, a simple reply, and a structured
-# OFFSET_DATA chunk with DONE (header and offset), each one struct call.
-_REQUEST = struct.Struct(">IHHQQI")
-_SIMPLE_REPLY = struct.Struct(">IIQ")
-_DATA_CHUNK = struct.Struct(">IHHQIQ")
-_DONE = int(ReplyFlag.DONE)
-_OFFSET_DATA = int(ReplyType.OFFSET_DATA)
 
 _Head = bytes | list[bytes | memoryview]
 """A reply as queued: simple reply or chunk bytes, or a list of chunk headers and data views."""
@@ -146,15 +135,18 @@ class _Budget:
             await self._wait()
 
 
+def _command_name(command: int) -> str:
+    try:
+        return f"NBD_CMD_{Cmd(command).name}"
+    except ValueError:
+        return f"command {command}"
+
+
 def _refusal(request: Request, exc: RequestError) -> str:
     """The log line of a request refused before it ran: which one, the errno and why."""
-    try:
-        name = f"NBD_CMD_{Cmd(request.command).name}"
-    except ValueError:
-        name = f"command {request.command}"
     return (
-        f"{name} cookie={request.cookie:#x} offset={request.offset} length={request.length} "
-        f"refused with {NbdErrno(exc.nbd_errno).name}: {exc.message}"
+        f"{_command_name(request.command)} cookie={request.cookie:#x} offset={request.offset} "
+        f"length={request.length} refused with {NbdErrno(exc.nbd_errno).name}: {exc.message}"
     )
 
 
@@ -387,7 +379,7 @@ class Connection:
         # Fast path: compact headers, READ or WRITE without flags, in bounds and aligned; it
         # accepts exactly what check_request would, anything else takes the general path.
         fast = not extended
-        unpack_from = _REQUEST.unpack_from
+        unpack_from = unpack_request_from
         size = info.size
         max_block = info.max_block
         align = info.min_block - 1
@@ -606,12 +598,11 @@ class Connection:
                 else:
                     self._reply(cookie, err, lease, length, request=request)
                 return
-            if structured:
-                head = _DATA_CHUNK.pack(
-                    NBD_STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, 8 + length, offset
-                )
-            else:
-                head = _SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, cookie)
+            head = (
+                encode_data_chunk(cookie, offset, length)
+                if structured
+                else encode_simple_reply(cookie)
+            )
             self._replies.append((head, lease, length))
             if not self._quiet:
                 self._have_replies.set()
@@ -632,8 +623,7 @@ class Connection:
                 return
             # Compact headers: a simple reply, which structured replies allow for a success
             # without payload.
-            head = _SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, cookie)
-            self._replies.append((head, None, length))
+            self._replies.append((encode_simple_reply(cookie), None, length))
             if not self._quiet:
                 self._have_replies.set()
 
@@ -798,16 +788,13 @@ class Connection:
         self._queue(parts, None, nbytes)
 
     def _failure_message(self, request: Request | None, err: int) -> str:
-        if request is None:
-            return os.strerror(err)
-        try:
-            name = f"NBD_CMD_{Cmd(request.command).name}"
-        except ValueError:
-            name = f"command {request.command}"
-        return (
-            f"{name} offset={request.offset} length={request.length} failed: "
-            f"{os.strerror(err)} ({errno.errorcode.get(err, err)})"
+        what = (
+            "request"
+            if request is None
+            else f"{_command_name(request.command)} offset={request.offset} "
+            f"length={request.length}"
         )
+        return f"{what} failed: {os.strerror(err)} ({errno.errorcode.get(err, err)})"
 
     # -- replies ------------------------------------------------------------------------
 
@@ -831,8 +818,6 @@ class Connection:
             nbd_error = nbd_errno_for(err) if err else 0
             if err:
                 reason = self._failure_message(request, err)
-                if request is None:
-                    reason = f"failed: {reason} ({errno.errorcode.get(err, err)})"
                 log.info("%s: request cookie=%#x: %s", self.peer, cookie, reason)
         if nbd_error and data is not None:
             data.release()

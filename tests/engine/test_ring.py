@@ -353,3 +353,32 @@ def test_both_ring_kinds_complete_everything(tmp_path: Path, deferred: bool) -> 
             assert all(bytes(r.view) == bytes([i % 251]) * 4096 for i, r in enumerate(reads))
         finally:
             exp.close()
+
+
+def test_one_wakeup_reaps_every_deferred_completion(tmp_path: Path) -> None:
+    """Linux (6.13 and later) posts at most 20 deferred completions per kernel entry and keeps
+    the rest with no eventfd signal of their own. 64 writes that all finished before the
+    reaper runs must still all be reported by the one reap their single signal causes."""
+    with Ring(128) as ring:
+        if not ring.deferred:
+            pytest.skip("this kernel has no IORING_SETUP_DEFER_TASKRUN")
+        fd = os.open(tmp_path / "w.img", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            pool = BufferPool()
+            done: list[int] = []
+            for i in range(64):
+                lease = pool.acquire(4096)
+                lease.view[:] = bytes([i]) * 4096
+                ring.write(fd, lease.view, i * 4096, done.append)
+            ring.submit()
+            readable, _, _ = select.select([ring.eventfd], [], [], 10.0)
+            assert readable, "the eventfd never fired for deferred completions"
+            deadline = time.monotonic() + 10
+            while os.pread(fd, 1, 63 * 4096) != bytes([63]):  # the workers are done writing
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            time.sleep(0.05)
+            ring.reap()
+            assert done == [0] * 64
+        finally:
+            os.close(fd)
