@@ -190,7 +190,6 @@ class Server:
         self.connections = 0
         self.draining = False
         """Set by :meth:`begin_shutdown`: new requests get ESHUTDOWN, options ERR_SHUTDOWN."""
-        self.drain_started = trio.Event()
         self._transmitting_changed = trio.Event()
         self._accept_scope = trio.CancelScope()
         self.export_connections: Counter[str] = Counter()
@@ -314,7 +313,6 @@ class Server:
             return
         self.draining = True
         self._accept_scope.cancel()
-        self.drain_started.set()
         for served in (*self.exports_by_name.values(), *self._retiring.values()):
             for connection in list(served.state.connections):
                 connection.begin_drain("the server is shutting down")
