@@ -64,7 +64,7 @@ def _make_ffibuilder() -> FFI:
     builder.set_source(
         "nbd_uring._uring",
         SOURCE_PREAMBLE,
-        sources=["nbd_uring/_csrc/nbdu.c"],
+        sources=["nbd_uring/_csrc/nbdu.c", "nbd_uring/_csrc/lane.c"],
         include_dirs=["nbd_uring/_csrc"],
         libraries=["uring"],
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],

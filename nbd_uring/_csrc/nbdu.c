@@ -12,12 +12,24 @@
 #include <liburing.h>
 
 #include "nbdu.h"
+#include "nbdu_internal.h"
 
 struct nbdu_ring {
     struct io_uring ring;
     struct io_uring_probe *probe;
     int deferred; /* IORING_SETUP_DEFER_TASKRUN: completions wait for io_uring_enter */
+    struct nbdu_lane *lane; /* its completions are handled in C while reaping */
 };
+
+struct io_uring *nbdu_ring_uring(struct nbdu_ring *r)
+{
+    return &r->ring;
+}
+
+void nbdu_ring_set_lane(struct nbdu_ring *r, struct nbdu_lane *lane)
+{
+    r->lane = lane;
+}
 
 struct nbdu_ring *nbdu_ring_new(unsigned entries, unsigned flags, int *err)
 {
@@ -215,19 +227,32 @@ int nbdu_deferred(struct nbdu_ring *r)
     return r->deferred;
 }
 
-int nbdu_reap(struct nbdu_ring *r, uint64_t *user_data, int32_t *res, unsigned max)
+int nbdu_reap(struct nbdu_ring *r, uint64_t *user_data, int32_t *res, unsigned max,
+              unsigned *lane_done)
 {
+    /* Completions of the read lane are finished here; the others are copied out for Python.
+     * Stops when `max` have been copied or the queue is empty. */
     struct io_uring_cqe *cqe;
     unsigned head;
     unsigned n = 0;
+    unsigned seen = 0;
+    unsigned lane = 0;
 
     io_uring_for_each_cqe(&r->ring, head, cqe) {
-        if (n == max)
-            break;
-        user_data[n] = io_uring_cqe_get_data64(cqe);
-        res[n] = cqe->res;
-        n++;
+        uint64_t ud = io_uring_cqe_get_data64(cqe);
+        if (ud & NBDU_LANE_BIT) {
+            nbdu_lane_complete(r->lane, ud, cqe->res);
+            lane++;
+        } else {
+            if (n == max)
+                break;
+            user_data[n] = ud;
+            res[n] = cqe->res;
+            n++;
+        }
+        seen++;
     }
-    io_uring_cq_advance(&r->ring, n);
+    io_uring_cq_advance(&r->ring, seen);
+    *lane_done = lane;
     return (int)n;
 }

@@ -32,4 +32,47 @@ int nbdu_submit(struct nbdu_ring *r);
 int nbdu_get_events(struct nbdu_ring *r);
 int nbdu_work_pending(struct nbdu_ring *r);
 int nbdu_deferred(struct nbdu_ring *r);
-int nbdu_reap(struct nbdu_ring *r, uint64_t *user_data, int32_t *res, unsigned max);
+int nbdu_reap(struct nbdu_ring *r, uint64_t *user_data, int32_t *res, unsigned max,
+              unsigned *lane_done);
+
+/* The read lane (lane.c): plain READs from request header to reply in C. */
+struct nbdu_lane;
+struct nbdu_lane_export;
+struct nbdu_lane_conn;
+enum { NBDU_LANE_REPLIES = 1, NBDU_LANE_FAILED = 2, NBDU_LANE_READY = 3 };
+struct nbdu_lane_event {
+    unsigned kind;
+    uint64_t token;
+    uint64_t cookie;
+    uint64_t offset;
+    uint32_t length;
+    int32_t err;
+    struct nbdu_lane_conn *conn;
+};
+
+struct nbdu_lane *nbdu_lane_new(struct nbdu_ring *r, unsigned *sqes_in_flight, size_t max_cached);
+void nbdu_lane_free(struct nbdu_lane *lane);
+void nbdu_lane_detach(struct nbdu_lane *lane);
+unsigned nbdu_lane_inflight(struct nbdu_lane *lane);
+unsigned nbdu_lane_take_prepared(struct nbdu_lane *lane);
+unsigned nbdu_lane_events(struct nbdu_lane *lane, struct nbdu_lane_event *out, unsigned max);
+unsigned nbdu_lane_pending_events(struct nbdu_lane *lane);
+
+struct nbdu_lane_export *nbdu_lane_export_new(struct nbdu_lane *lane, int fd, uint64_t limit);
+void nbdu_lane_export_close(struct nbdu_lane_export *e);
+void nbdu_lane_export_set_exclusive(struct nbdu_lane_export *e, int active);
+unsigned nbdu_lane_export_inflight(struct nbdu_lane_export *e);
+int nbdu_lane_export_wait(struct nbdu_lane_export *e, uint64_t start, uint64_t end,
+                          uint64_t token);
+
+struct nbdu_lane_conn *nbdu_lane_conn_new(struct nbdu_lane *lane, struct nbdu_lane_export *e,
+                                          uint64_t token, uint64_t size, uint32_t max_block,
+                                          uint32_t align_mask, uint32_t structured_max,
+                                          uint64_t max_bytes, uint32_t max_requests);
+void nbdu_lane_conn_close(struct nbdu_lane_conn *c);
+uint64_t nbdu_lane_conn_bytes(struct nbdu_lane_conn *c);
+unsigned nbdu_lane_conn_requests(struct nbdu_lane_conn *c);
+int nbdu_lane_conn_partial(struct nbdu_lane_conn *c);
+int nbdu_lane_feed(struct nbdu_lane_conn *c, const unsigned char *data, size_t pos, size_t end,
+                   uint64_t other_bytes, unsigned other_requests, size_t *pos_out);
+int nbdu_lane_send(struct nbdu_lane_conn *c, int fd);

@@ -25,6 +25,7 @@ from typing import Any
 from nbd_uring.engine.buffers import Buffer
 from nbd_uring.engine.durability import Durability, FlushEpochs, Ordering
 from nbd_uring.engine.faults import FaultInjector
+from nbd_uring.engine.lane import LaneExport
 from nbd_uring.engine.ordering import OverlapTracker
 from nbd_uring.engine.ring import (
     FALLOC_FL_KEEP_SIZE,
@@ -94,6 +95,8 @@ class Export:
             flags |= os.O_CREAT
         self.fd = os.open(path, flags | (os.O_DIRECT if direct else 0), 0o644)
         self._tail_fd = -1
+        self.lane: LaneExport | None = None
+        """This file in the ring's read lane (plain exports, when the ring has one)."""
         try:
             st = os.fstat(self.fd)
             self.is_block_device = stat.S_ISBLK(st.st_mode)
@@ -120,9 +123,11 @@ class Export:
             raise
         self._punch_ok = not read_only
         self._zero_range_ok = not read_only
-        self._tracker = OverlapTracker()
         self._plain = ordering is Ordering.STRICT and faults is None
         """Reads and writes may take the fast path: strict ordering, no fault injection."""
+        if self._plain and ring.lane is not None:
+            self.lane = ring.lane.export(self.fd, self._tail_start)
+        self._tracker = OverlapTracker(self.lane)
         self._epochs = FlushEpochs()
         self._sync_waiters: list[Completion] | None = None
         self._next_sync_waiters: list[Completion] = []
@@ -132,6 +137,9 @@ class Export:
         self.deferred_errors_total = 0
 
     def close(self) -> None:
+        if self.lane is not None:
+            self.lane.close()
+            self.lane = None
         if self._tail_fd >= 0:
             os.close(self._tail_fd)
             self._tail_fd = -1

@@ -14,6 +14,10 @@ a few dict lookups however many requests are in flight. A request spanning very 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nbd_uring.engine.lane import LaneExport
 
 GRANULE_SHIFT = 20
 MAX_GRANULES = 64
@@ -57,10 +61,14 @@ class OverlapTracker:
     anything can complete; the caller starts it when ``blockers`` is zero.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, lane: LaneExport | None = None) -> None:
         self._granules: dict[int, list[Admission]] = {}
         self._large: list[Admission] = []
         self.active = 0
+        self.lane = lane
+        """The export's read lane, whose reads are not admitted here: it is told while any
+        exclusive request is admitted, and such a request waits for its overlapping reads."""
+        self.exclusive_active = 0
 
     def admit(
         self, start: int, length: int, exclusive: bool, run: Callable[[], None] | None
@@ -68,6 +76,14 @@ class OverlapTracker:
         """Admit a request for ``[start, start+length)``, behind every conflicting one."""
         end = start + (length if length > 0 else 1)
         entry = Admission(start, end, exclusive, run)
+        if exclusive:
+            self.exclusive_active += 1
+            lane = self.lane
+            if lane is not None:
+                if self.exclusive_active == 1:
+                    lane.set_exclusive(True)
+                if lane.wait(start, end, lambda: _lane_done(entry)):
+                    entry.blockers += 1
         first, last = start >> GRANULE_SHIFT, (end - 1) >> GRANULE_SHIFT
         if first == last:
             # The common case: one granule, whose list holds each entry once (no dedup needed).
@@ -121,11 +137,22 @@ class OverlapTracker:
                 if not lst:
                     del granules[g]
         self.active -= 1
+        if entry.exclusive:
+            self.exclusive_active -= 1
+            if self.exclusive_active == 0 and self.lane is not None:
+                self.lane.set_exclusive(False)
         for dependent in entry.dependents:
             dependent.blockers -= 1
             if dependent.blockers == 0:
                 dependent.begin()
         entry.dependents = ()
+
+
+def _lane_done(entry: Admission) -> None:
+    """The lane reads ``entry`` waited for have completed."""
+    entry.blockers -= 1
+    if entry.blockers == 0:
+        entry.begin()
 
 
 def _depend(entry: Admission, other: Admission) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from nbd_uring._uring import ffi, lib
+from nbd_uring.engine.lane import Lane
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class Ring:
     single issuer, and with deferred task work where the kernel has it, 6.1 and later).
     """
 
-    def __init__(self, entries: int = 256, *, deferred: bool = True) -> None:
+    def __init__(self, entries: int = 256, *, deferred: bool = True, lane: bool = False) -> None:
         err = ffi.new("int *")
         ring = lib.nbdu_ring_new(entries, 1 if deferred else 0, err)
         if ring == ffi.NULL:
@@ -138,7 +139,9 @@ class Ring:
         self.supports_fallocate = bool(lib.nbdu_opcode_supported(ring, lib.IORING_OP_FALLOCATE))
         self.supports_fadvise = bool(lib.nbdu_opcode_supported(ring, lib.IORING_OP_FADVISE))
         self._in_flight: dict[int, _Op] = {}
-        self._sqes_in_flight = 0
+        self._sqes = ffi.new("unsigned[1]")
+        """SQEs whose completion is not reaped yet, the read lane's included: never more than
+        the completion queue holds, so no completion can be dropped."""
         self._backlog: deque[_Op] = deque()
         self._unsubmitted = 0
         self._submitting = False
@@ -148,7 +151,10 @@ class Ring:
         self.inline_writes = 0
         self._ud = ffi.new("uint64_t[]", _REAP_BATCH)
         self._res = ffi.new("int32_t[]", _REAP_BATCH)
+        self._lane_done = ffi.new("unsigned *")
         self.closed = False
+        self.lane: Lane | None = Lane(self, self._sqes) if lane else None
+        """Plain reads handled whole in C (:mod:`nbd_uring.engine.lane`), or None."""
 
     # -- submission ---------------------------------------------------------------------
 
@@ -245,6 +251,8 @@ class Ring:
             return 0
         self._submitting = True
         ring = self._ring
+        if self.lane is not None:
+            self._unsubmitted += self.lane.take_prepared()
         deferred = self.deferred
         looked = False
         total = 0
@@ -287,10 +295,13 @@ class Ring:
     @property
     def in_flight(self) -> int:
         """Operations submitted or waiting for ring space, not yet completed."""
-        return len(self._in_flight) + len(self._backlog) + len(self._done_now)
+        lane = 0 if self.lane is None else self.lane.in_flight
+        return len(self._in_flight) + len(self._backlog) + len(self._done_now) + lane
 
     def uses_fd(self, fd: int) -> bool:
         """Whether an operation not yet completed names ``fd`` (before closing it for good)."""
+        if self.lane is not None and self.lane.uses_fd(fd):
+            return True
         return any(op.fd == fd for op in (*self._in_flight.values(), *self._backlog))
 
     def _start(self, op: _Op) -> None:
@@ -303,7 +314,7 @@ class Ring:
         """Prepare the SQE(s) for the unfinished part of ``op``; False when there is no room."""
         kind = op.kind
         need = 2 if kind == _WRITE and op.fua else 1
-        if self._sqes_in_flight + need > self.cq_entries:
+        if self._sqes[0] + need > self.cq_entries:
             return False
         op_id = self._next_id
         ud = op_id << 1
@@ -320,7 +331,7 @@ class Ring:
         self._next_id = op_id + 1
         op.waiting = need
         self._in_flight[op_id] = op
-        self._sqes_in_flight += need
+        self._sqes[0] += need
         self._unsubmitted += need
         return True
 
@@ -388,22 +399,27 @@ class Ring:
 
     def _drain(self) -> int:
         total = 0
-        ud_arr, res_arr = self._ud, self._res
+        ud_arr, res_arr, lane_done = self._ud, self._res, self._lane_done
         while True:
-            n: int = lib.nbdu_reap(self._ring, ud_arr, res_arr, _REAP_BATCH)
+            n: int = lib.nbdu_reap(self._ring, ud_arr, res_arr, _REAP_BATCH, lane_done)
             for i in range(n):
                 self._complete(ud_arr[i], res_arr[i])
-            total += n
+            total += n + int(lane_done[0])
             if n < _REAP_BATCH:
                 break
         while self._backlog and self._prep(self._backlog[0]):
             self._backlog.popleft()
+        lane = self.lane
+        if lane is not None:
+            self._unsubmitted += lane.take_prepared()  # short reads continued
+            if lane.has_events():
+                lane.dispatch()
         return total
 
     def _complete(self, ud: int, res: int) -> None:
         op_id = ud >> 1
         op = self._in_flight[op_id]
-        self._sqes_in_flight -= 1
+        self._sqes[0] -= 1
         if res == op.length and not op.done and not op.fua and op.kind <= _WRITE:
             # The common case, a read or write done whole in one go: straight to the callback.
             del self._in_flight[op_id]
@@ -490,6 +506,8 @@ class Ring:
             select.select([self.eventfd], [], [], left)
             self.reap()
         self.closed = True
+        if self.lane is not None:
+            self.lane.close()
         lib.nbdu_ring_free(self._ring)
         self._ring = ffi.NULL
         os.close(self.eventfd)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from nbd_uring.engine.buffers import Buffer
+from nbd_uring.engine.lane import LaneConnection
 from nbd_uring.engine.ring import Completion
 from nbd_uring.protocol import (
     EXTENDED_REQUEST_SIZE,
@@ -97,11 +98,29 @@ class _Budget:
         self.requests = 0
         self._changed: trio.Event | None = None
         """Set on the next release; made only when someone waits."""
+        self.lane: LaneConnection | None = None
+        """The connection's read lane, whose requests count too (it keeps its own tally)."""
 
     def would_block(self, nbytes: int) -> bool:
-        return self.requests >= self.max_requests or (
-            self.bytes > 0 and self.bytes + nbytes > self.max_bytes
-        )
+        requests, used = self.requests, self.bytes
+        lane = self.lane
+        if lane is not None:
+            requests += lane.requests
+            used += lane.bytes
+        return requests >= self.max_requests or (used > 0 and used + nbytes > self.max_bytes)
+
+    @property
+    def outstanding(self) -> int:
+        """Requests received and not yet answered, the lane's included."""
+        lane = self.lane
+        return self.requests if lane is None else self.requests + lane.requests
+
+    def lane_released(self) -> None:
+        """The lane sent replies: wake whoever waits for room."""
+        changed = self._changed
+        if changed is not None:
+            self._changed = None
+            changed.set()
 
     def take(self, nbytes: int) -> None:
         """Acquire without waiting; only after :meth:`would_block` said False."""
@@ -131,7 +150,7 @@ class _Budget:
             changed.set()
 
     async def drained(self) -> None:
-        while self.requests:
+        while self.outstanding:
             await self._wait()
 
 
@@ -191,6 +210,9 @@ class Connection:
         """Why this connection is being drained (server shutdown, export removed by a reload):
         new requests get ESHUTDOWN, and once those in flight are answered it closes."""
         self._drain = trio.Event()
+        self._lane: LaneConnection | None = None
+        """Plain READs answered in C (engine.lane), or None."""
+        self._fd = sock.fileno()
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -214,6 +236,9 @@ class Connection:
         finally:
             self.closed = True
             self._drop_pending_replies()
+            if self._lane is not None:
+                self._lane.close()
+                self._budget.lane = None
             if self._tls is not None:
                 self._tls.close()
             self.sock.close()
@@ -328,6 +353,8 @@ class Connection:
             return
         # Same descriptor, no dup: detached below so that only self.sock ever closes it.
         self._raw = socket.socket(fileno=self.sock.fileno())
+        self._lane = self._open_lane()
+        self._budget.lane = self._lane
         try:
             await self._transmit_phase()
         finally:
@@ -347,6 +374,33 @@ class Connection:
             nursery.cancel_scope.cancel()
         if failure is not None:
             raise failure
+
+    def _open_lane(self) -> LaneConnection | None:
+        """The read lane for this connection, where it applies: compact headers, no
+        metrics, a plain export (the lane exists only for those). TLS never gets here."""
+        assert self.export is not None and self.info is not None
+        lane = self.export.backend.lane
+        if lane is None or self._extended or self._stats is not None:
+            return None
+        info = self.info
+        config = self.server.config
+        return lane.connect(
+            self,
+            size=info.size,
+            max_block=info.max_block,
+            min_block=info.min_block,
+            structured_max=READ_HOLE_MIN if self._chunks is not None else 0,
+            max_bytes=config.max_bytes_in_flight,
+            max_requests=config.max_in_flight,
+        )
+
+    def lane_replies(self) -> None:
+        if not self._quiet:
+            self._have_replies.set()
+
+    def lane_failed(self, cookie: int, offset: int, length: int, err: int) -> None:
+        self._budget.take(0)
+        self._reply(cookie, err, None, 0, request=Request(cookie, _READ, 0, offset, length))
 
     def begin_drain(self, reason: str) -> None:
         """Server shutdown, or this connection's export removed by a reload."""
@@ -392,12 +446,19 @@ class Connection:
         # it, not 256 KiB (a bytearray is zeroed, so touched, at once).
         buf = mmap.mmap(-1, RECV_SIZE)
         mv = memoryview(buf)
+        lane = self._lane
+        if lane is not None:
+            lane.attach(buf)
         end = len(self._leftover)
         buf[:end] = self._leftover
         pos = 0
         self._quiet = True
         while True:
             while end - pos >= hsize:
+                if lane is not None and not self.draining:
+                    pos = lane.feed(pos, end, budget.bytes, budget.requests)
+                    if end - pos < hsize:
+                        break
                 if fast:
                     magic, flags, command, cookie, offset, length = unpack_from(buf, pos)
                     if (
@@ -507,11 +568,11 @@ class Connection:
                     break
                 except BlockingIOError:
                     eager = 0
-                    if poll_ns and not budget.requests and server.connections == 1:
+                    if poll_ns and not budget.outstanding and server.connections == 1:
                         n = _poll_recv(raw, mv[end:], poll_ns)
                         if n >= 0:
                             break
-                    if idle_timeout is None or budget.requests or end:
+                    if idle_timeout is None or budget.outstanding or end:
                         await trio.lowlevel.wait_readable(raw)
                         continue
                     with trio.move_on_after(idle_timeout):
@@ -861,12 +922,18 @@ class Connection:
         """End a quiet stretch of the reader: send what it queued; what the socket does not
         take now is left to the writer task."""
         self._quiet = False
-        if (self._replies or self._unsent) and not self._flush():
+        if (self._replies or self._unsent or self._lane is not None) and not self._flush():
             self._have_replies.set()
 
     def _flush(self) -> bool:
         """Send queued replies, as many per sendmsg as IOV_MAX allows, without waiting;
-        True once everything is sent (and its buffers and budget released)."""
+        True once everything is sent (and its buffers and budget released).
+
+        The read lane queues its replies apart; a reply partly sent, from either queue, is
+        finished before the other queue sends anything."""
+        lane = self._lane
+        if lane is not None and lane.partial and not self._lane_send(lane):
+            return False
         iov = self._unsent
         if self._replies:
             batch, self._replies = self._replies, []
@@ -911,7 +978,14 @@ class Connection:
                 data.release()
             total += nbytes
         self._budget.release_many(total, len(sending))
-        return True
+        return lane is None or self._lane_send(lane)
+
+    def _lane_send(self, lane: LaneConnection) -> bool:
+        rc = lane.send(self._fd)
+        self._budget.lane_released()
+        if rc < 0:
+            raise ClientGone(os.strerror(-rc))
+        return rc == 1
 
     async def _writer_task(self, scope: trio.CancelScope) -> None:
         raw = self._raw

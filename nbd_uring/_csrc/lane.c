@@ -1,0 +1,640 @@
+/*
+ * The read lane: plain NBD_CMD_READs handled in C from the request header to the reply.
+ *
+ * A READ with compact headers, no flags, in bounds and aligned, on an export with strict
+ * ordering and no write in flight, is parsed, given a buffer, prepared as an SQE, completed and
+ * turned into a reply (simple, or one OFFSET_DATA chunk) here, and sent with the connection's
+ * other lane replies in one sendmsg. Python sees such a request only if it fails (to log it
+ * and answer with an error reply) and calls in once per receive, per reap and per send.
+ *
+ * Ordering: reads never conflict with reads, so a lane read needs only to know that no write,
+ * trim or zeroing is admitted on its export (Python keeps `exclusive_active` up to date and
+ * the lane declines every read while it is non-zero). A write admitted while lane reads are
+ * in flight asks which of them overlap it and waits for those (a "waiter", announced to Python
+ * by an event when the last of them completes).
+ *
+ * Memory: buffers come from per-size-class free lists with a cap on what is kept idle;
+ * every byte in flight is counted against the connection's budget, which Python also checks.
+ */
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <liburing.h>
+
+#include "nbdu.h"
+#include "nbdu_internal.h"
+
+#define LANE_BIT (1ULL << 63)
+#define CLASS_MIN_SHIFT 12
+#define CLASSES 9 /* 4 KiB .. 1 MiB */
+#define LANE_MAX_LENGTH (1U << (CLASS_MIN_SHIFT + CLASSES - 1))
+#define LANE_IOV_MAX 1024
+
+#define NBD_REQUEST_MAGIC 0x25609513U
+#define NBD_SIMPLE_REPLY_MAGIC 0x67446698U
+#define NBD_STRUCTURED_REPLY_MAGIC 0x668e33efU
+#define NBD_CMD_READ 0
+#define NBD_REPLY_FLAG_DONE 1
+#define NBD_REPLY_TYPE_OFFSET_DATA 1
+
+struct lane_slot {
+    struct lane_slot *next; /* export's in-flight list, connection's reply queue, free list */
+    struct lane_slot *prev; /* export's in-flight list only */
+    struct nbdu_lane_conn *conn;
+    struct nbdu_lane_export *exp;
+    uint64_t cookie;
+    uint64_t offset;
+    uint32_t length;
+    uint32_t done;
+    unsigned cls;
+    unsigned hdrlen;
+    unsigned char *buf;
+    unsigned char hdr[32];
+};
+
+struct lane_waiter {
+    uint64_t start, end, token;
+    unsigned count;
+};
+
+struct nbdu_lane_export {
+    struct nbdu_lane *lane;
+    int fd;
+    int closed;
+    uint64_t limit; /* reads must end at or before this (the size, or a direct-I/O tail) */
+    int exclusive_active;
+    unsigned inflight;
+    unsigned refs;
+    struct lane_slot *reads; /* in flight, doubly linked */
+    struct lane_waiter *waiters;
+    unsigned nwaiters, capwaiters;
+};
+
+struct nbdu_lane_conn {
+    struct nbdu_lane *lane;
+    struct nbdu_lane_export *exp;
+    uint64_t token;
+    uint64_t size;
+    uint64_t max_bytes;
+    uint32_t max_block;
+    uint32_t align_mask;
+    uint32_t structured_max; /* 0: simple replies; else reads shorter than this get a chunk */
+    uint32_t max_requests;
+    uint64_t bytes;    /* lane requests received and not yet fully replied to */
+    uint32_t requests;
+    int closed;
+    int notified;
+    unsigned refs;
+    struct lane_slot *queue, *queue_tail; /* replies to send, oldest first */
+    size_t sent;                          /* bytes of the queue's head already sent */
+};
+
+struct nbdu_lane {
+    struct nbdu_ring *ring;
+    unsigned *sqes_in_flight; /* shared with Python: lane + Python SQEs against the CQ size */
+    unsigned cq_entries;
+    unsigned inflight;
+    unsigned prepared; /* SQEs prepared since Python last asked */
+    void *free_bufs[CLASSES];
+    size_t cached, max_cached;
+    struct lane_slot *free_slots;
+    struct nbdu_lane_event *events;
+    unsigned nevents, capevents, events_head;
+};
+
+static inline uint16_t be16(const unsigned char *p)
+{
+    return (uint16_t)((p[0] << 8) | p[1]);
+}
+
+static inline uint32_t be32(const unsigned char *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+static inline uint64_t be64(const unsigned char *p)
+{
+    return ((uint64_t)be32(p) << 32) | be32(p + 4);
+}
+
+static inline void put16(unsigned char *p, uint16_t v)
+{
+    p[0] = (unsigned char)(v >> 8);
+    p[1] = (unsigned char)v;
+}
+
+static inline void put32(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char)(v >> 24);
+    p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8);
+    p[3] = (unsigned char)v;
+}
+
+static inline void put64(unsigned char *p, uint64_t v)
+{
+    put32(p, (uint32_t)(v >> 32));
+    put32(p + 4, (uint32_t)v);
+}
+
+/* -- the lane --------------------------------------------------------------------------- */
+
+struct nbdu_lane *nbdu_lane_new(struct nbdu_ring *r, unsigned *sqes_in_flight, size_t max_cached)
+{
+    struct nbdu_lane *lane = calloc(1, sizeof(*lane));
+    if (lane == NULL)
+        return NULL;
+    lane->ring = r;
+    lane->sqes_in_flight = sqes_in_flight;
+    lane->cq_entries = nbdu_cq_entries(r);
+    lane->max_cached = max_cached;
+    nbdu_ring_set_lane(r, lane);
+    return lane;
+}
+
+void nbdu_lane_free(struct nbdu_lane *lane)
+{
+    /* Only once nothing is in flight (the ring is closed, or was drained). */
+    if (lane == NULL)
+        return;
+    nbdu_lane_detach(lane);
+    for (unsigned c = 0; c < CLASSES; c++) {
+        void *b = lane->free_bufs[c];
+        while (b != NULL) {
+            void *next = *(void **)b;
+            free(b);
+            b = next;
+        }
+    }
+    struct lane_slot *s = lane->free_slots;
+    while (s != NULL) {
+        struct lane_slot *next = s->next;
+        free(s);
+        s = next;
+    }
+    free(lane->events);
+    free(lane);
+}
+
+void nbdu_lane_detach(struct nbdu_lane *lane)
+{
+    /* The ring is going away; nothing of the lane may touch it from here on. */
+    if (lane->ring != NULL)
+        nbdu_ring_set_lane(lane->ring, NULL);
+    lane->ring = NULL;
+}
+
+unsigned nbdu_lane_inflight(struct nbdu_lane *lane)
+{
+    return lane->inflight;
+}
+
+unsigned nbdu_lane_take_prepared(struct nbdu_lane *lane)
+{
+    unsigned n = lane->prepared;
+    lane->prepared = 0;
+    return n;
+}
+
+static void conn_unref(struct nbdu_lane_conn *c);
+static void export_unref(struct nbdu_lane_export *e);
+
+static int push_event(struct nbdu_lane *lane, const struct nbdu_lane_event *ev)
+{
+    if (lane->nevents == lane->capevents) {
+        unsigned cap = lane->capevents ? lane->capevents * 2 : 64;
+        struct nbdu_lane_event *e = realloc(lane->events, cap * sizeof(*e));
+        if (e == NULL)
+            return -ENOMEM;
+        lane->events = e;
+        lane->capevents = cap;
+    }
+    lane->events[lane->nevents++] = *ev;
+    return 0;
+}
+
+unsigned nbdu_lane_events(struct nbdu_lane *lane, struct nbdu_lane_event *out, unsigned max)
+{
+    unsigned n = 0;
+    while (n < max && lane->events_head < lane->nevents) {
+        struct nbdu_lane_event *ev = &lane->events[lane->events_head++];
+        out[n++] = *ev;
+        if (ev->kind == NBDU_LANE_REPLIES) {
+            ev->conn->notified = 0;
+            conn_unref(ev->conn); /* the event's reference, so the pointer stayed valid */
+        }
+    }
+    if (lane->events_head == lane->nevents)
+        lane->events_head = lane->nevents = 0;
+    return n;
+}
+
+unsigned nbdu_lane_pending_events(struct nbdu_lane *lane)
+{
+    return lane->nevents - lane->events_head;
+}
+
+static unsigned char *buf_get(struct nbdu_lane *lane, uint32_t length, unsigned *cls_out)
+{
+    unsigned cls = 0;
+    while ((1U << (CLASS_MIN_SHIFT + cls)) < length)
+        cls++;
+    *cls_out = cls;
+    void *b = lane->free_bufs[cls];
+    if (b != NULL) {
+        lane->free_bufs[cls] = *(void **)b;
+        lane->cached -= (size_t)1 << (CLASS_MIN_SHIFT + cls);
+        return b;
+    }
+    return aligned_alloc(4096, (size_t)1 << (CLASS_MIN_SHIFT + cls));
+}
+
+static void buf_put(struct nbdu_lane *lane, unsigned char *b, unsigned cls)
+{
+    size_t size = (size_t)1 << (CLASS_MIN_SHIFT + cls);
+    if (lane->cached + size > lane->max_cached) {
+        free(b);
+        return;
+    }
+    *(void **)b = lane->free_bufs[cls];
+    lane->free_bufs[cls] = b;
+    lane->cached += size;
+}
+
+static struct lane_slot *slot_get(struct nbdu_lane *lane)
+{
+    struct lane_slot *s = lane->free_slots;
+    if (s != NULL) {
+        lane->free_slots = s->next;
+        return s;
+    }
+    return malloc(sizeof(*s));
+}
+
+/* A slot whose reply is sent, or whose connection is gone: give back its buffer and budget. */
+static void slot_retire(struct nbdu_lane *lane, struct lane_slot *s)
+{
+    struct nbdu_lane_conn *c = s->conn;
+    if (s->buf != NULL)
+        buf_put(lane, s->buf, s->cls);
+    c->bytes -= s->length;
+    c->requests--;
+    s->next = lane->free_slots;
+    lane->free_slots = s;
+    conn_unref(c);
+}
+
+/* -- exports ---------------------------------------------------------------------------- */
+
+struct nbdu_lane_export *nbdu_lane_export_new(struct nbdu_lane *lane, int fd, uint64_t limit)
+{
+    struct nbdu_lane_export *e = calloc(1, sizeof(*e));
+    if (e == NULL)
+        return NULL;
+    e->lane = lane;
+    e->fd = fd;
+    e->limit = limit;
+    e->refs = 1;
+    return e;
+}
+
+void nbdu_lane_export_close(struct nbdu_lane_export *e)
+{
+    e->closed = 1;
+    export_unref(e);
+}
+
+static void export_unref(struct nbdu_lane_export *e)
+{
+    if (--e->refs == 0) {
+        free(e->waiters);
+        free(e);
+    }
+}
+
+void nbdu_lane_export_set_exclusive(struct nbdu_lane_export *e, int active)
+{
+    e->exclusive_active = active;
+}
+
+unsigned nbdu_lane_export_inflight(struct nbdu_lane_export *e)
+{
+    return e->inflight;
+}
+
+int nbdu_lane_export_wait(struct nbdu_lane_export *e, uint64_t start, uint64_t end,
+                          uint64_t token)
+{
+    /* How many lane reads in flight overlap [start, end); if any, an event with `token`
+     * comes once the last of them has completed. No new lane read can start meanwhile:
+     * the caller has already raised exclusive_active. */
+    unsigned count = 0;
+    for (struct lane_slot *s = e->reads; s != NULL; s = s->next)
+        if (s->offset < end && start < s->offset + s->length)
+            count++;
+    if (count == 0)
+        return 0;
+    if (e->nwaiters == e->capwaiters) {
+        unsigned cap = e->capwaiters ? e->capwaiters * 2 : 8;
+        struct lane_waiter *w = realloc(e->waiters, cap * sizeof(*w));
+        if (w == NULL)
+            return -ENOMEM;
+        e->waiters = w;
+        e->capwaiters = cap;
+    }
+    e->waiters[e->nwaiters++] = (struct lane_waiter){start, end, token, count};
+    return (int)count;
+}
+
+static void export_read_done(struct nbdu_lane *lane, struct lane_slot *s)
+{
+    struct nbdu_lane_export *e = s->exp;
+    if (s->prev != NULL)
+        s->prev->next = s->next;
+    else
+        e->reads = s->next;
+    if (s->next != NULL)
+        s->next->prev = s->prev;
+    s->next = s->prev = NULL;
+    e->inflight--;
+    uint64_t end = s->offset + s->length;
+    for (unsigned i = 0; i < e->nwaiters;) {
+        struct lane_waiter *w = &e->waiters[i];
+        if (w->start < end && s->offset < w->end && --w->count == 0) {
+            struct nbdu_lane_event ev = {.kind = NBDU_LANE_READY, .token = w->token};
+            push_event(lane, &ev); /* on ENOMEM the stall check is all that is left */
+            e->waiters[i] = e->waiters[--e->nwaiters];
+            continue;
+        }
+        i++;
+    }
+    export_unref(e);
+}
+
+/* -- connections ------------------------------------------------------------------------ */
+
+struct nbdu_lane_conn *nbdu_lane_conn_new(struct nbdu_lane *lane, struct nbdu_lane_export *e,
+                                          uint64_t token, uint64_t size, uint32_t max_block,
+                                          uint32_t align_mask, uint32_t structured_max,
+                                          uint64_t max_bytes, uint32_t max_requests)
+{
+    struct nbdu_lane_conn *c = calloc(1, sizeof(*c));
+    if (c == NULL)
+        return NULL;
+    c->lane = lane;
+    c->exp = e;
+    e->refs++;
+    c->token = token;
+    c->size = size;
+    c->max_block = max_block < LANE_MAX_LENGTH ? max_block : LANE_MAX_LENGTH;
+    c->align_mask = align_mask;
+    c->structured_max = structured_max;
+    c->max_bytes = max_bytes;
+    c->max_requests = max_requests;
+    c->refs = 1;
+    return c;
+}
+
+static void conn_unref(struct nbdu_lane_conn *c)
+{
+    if (--c->refs == 0) {
+        export_unref(c->exp);
+        free(c);
+    }
+}
+
+void nbdu_lane_conn_close(struct nbdu_lane_conn *c)
+{
+    /* Replies not sent are dropped; reads still in flight are retired as they complete. */
+    c->closed = 1;
+    struct lane_slot *s = c->queue;
+    c->queue = c->queue_tail = NULL;
+    c->sent = 0;
+    while (s != NULL) {
+        struct lane_slot *next = s->next;
+        slot_retire(c->lane, s); /* drops the slot's reference; Python's is still held */
+        s = next;
+    }
+    conn_unref(c);
+}
+
+uint64_t nbdu_lane_conn_bytes(struct nbdu_lane_conn *c)
+{
+    return c->bytes;
+}
+
+unsigned nbdu_lane_conn_requests(struct nbdu_lane_conn *c)
+{
+    return c->requests;
+}
+
+int nbdu_lane_conn_partial(struct nbdu_lane_conn *c)
+{
+    return c->sent != 0;
+}
+
+
+static int prep_slot(struct nbdu_lane *lane, struct lane_slot *s)
+{
+    struct io_uring *ring = nbdu_ring_uring(lane->ring);
+    struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
+    if (sqe == NULL) {
+        int rc = io_uring_submit(ring);
+        if (rc < 0)
+            return rc;
+        sqe = io_uring_get_sqe(ring);
+        if (sqe == NULL)
+            return -EBUSY;
+    }
+    io_uring_prep_read(sqe, s->exp->fd, s->buf + s->done, s->length - s->done,
+                       s->offset + s->done);
+    io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)s | LANE_BIT);
+    lane->inflight++;
+    (*lane->sqes_in_flight)++;
+    lane->prepared++;
+    return 0;
+}
+
+int nbdu_lane_feed(struct nbdu_lane_conn *c, const unsigned char *data, size_t pos, size_t end,
+                   uint64_t other_bytes, unsigned other_requests, size_t *pos_out)
+{
+    /* Take the plain READs at data[pos:end], stopping at the first request the lane does not
+     * handle (Python's), at an incomplete header, or when the budget or the ring is full.
+     * Returns how many were taken; *pos_out is where the first one not taken starts. */
+    struct nbdu_lane *lane = c->lane;
+    struct nbdu_lane_export *e = c->exp;
+    int taken = 0;
+    while (end - pos >= 28 && !c->closed && !e->closed && !e->exclusive_active) {
+        const unsigned char *h = data + pos;
+        if (be32(h) != NBD_REQUEST_MAGIC || be16(h + 4) != 0 || be16(h + 6) != NBD_CMD_READ)
+            break;
+        uint64_t cookie = be64(h + 8);
+        uint64_t offset = be64(h + 16);
+        uint32_t length = be32(h + 24);
+        if (length == 0 || length > c->max_block || offset > c->size ||
+            length > c->size - offset || ((offset | length) & c->align_mask) ||
+            offset + length > e->limit || (c->structured_max && length >= c->structured_max))
+            break;
+        uint64_t bytes = c->bytes + other_bytes;
+        if (c->requests + other_requests >= c->max_requests ||
+            (bytes > 0 && bytes + length > c->max_bytes))
+            break;
+        if (*lane->sqes_in_flight + 1 > lane->cq_entries)
+            break;
+        struct lane_slot *s = slot_get(lane);
+        if (s == NULL)
+            break;
+        s->buf = buf_get(lane, length, &s->cls);
+        if (s->buf == NULL) {
+            s->next = lane->free_slots;
+            lane->free_slots = s;
+            break;
+        }
+        s->conn = c;
+        s->exp = e;
+        s->cookie = cookie;
+        s->offset = offset;
+        s->length = length;
+        s->done = 0;
+        s->prev = NULL;
+        if (prep_slot(lane, s) < 0) {
+            buf_put(lane, s->buf, s->cls);
+            s->next = lane->free_slots;
+            lane->free_slots = s;
+            break;
+        }
+        s->next = e->reads;
+        if (e->reads != NULL)
+            e->reads->prev = s;
+        e->reads = s;
+        e->inflight++;
+        e->refs++;
+        c->refs++;
+        c->bytes += length;
+        c->requests++;
+        pos += 28;
+        taken++;
+    }
+    *pos_out = pos;
+    return taken;
+}
+
+static void queue_reply(struct nbdu_lane *lane, struct lane_slot *s)
+{
+    struct nbdu_lane_conn *c = s->conn;
+    unsigned char *h = s->hdr;
+    if (c->structured_max) {
+        put32(h, NBD_STRUCTURED_REPLY_MAGIC);
+        put16(h + 4, NBD_REPLY_FLAG_DONE);
+        put16(h + 6, NBD_REPLY_TYPE_OFFSET_DATA);
+        put64(h + 8, s->cookie);
+        put32(h + 16, s->length + 8);
+        put64(h + 20, s->offset);
+        s->hdrlen = 28;
+    } else {
+        put32(h, NBD_SIMPLE_REPLY_MAGIC);
+        put32(h + 4, 0);
+        put64(h + 8, s->cookie);
+        s->hdrlen = 16;
+    }
+    s->next = NULL;
+    if (c->queue_tail != NULL)
+        c->queue_tail->next = s;
+    else
+        c->queue = s;
+    c->queue_tail = s;
+    if (!c->notified) {
+        c->notified = 1;
+        struct nbdu_lane_event ev = {.kind = NBDU_LANE_REPLIES, .token = c->token, .conn = c};
+        if (push_event(lane, &ev) < 0)
+            c->notified = 0;
+        else
+            c->refs++;
+    }
+}
+
+/* One CQE of a lane read; called by nbdu_reap. */
+void nbdu_lane_complete(struct nbdu_lane *lane, uint64_t user_data, int32_t res)
+{
+    struct lane_slot *s = (struct lane_slot *)(uintptr_t)(user_data & ~LANE_BIT);
+    lane->inflight--;
+    (*lane->sqes_in_flight)--;
+    if (res > 0 && s->done + (uint32_t)res < s->length) {
+        s->done += (uint32_t)res; /* short read: read the rest */
+        if (prep_slot(lane, s) == 0)
+            return;
+        res = -EIO;
+    }
+    export_read_done(lane, s);
+    struct nbdu_lane_conn *c = s->conn;
+    if (res == 0)
+        res = -EIO; /* end of file inside the export: nothing more would come */
+    if (res < 0 || c->closed) {
+        if (res < 0 && !c->closed) {
+            struct nbdu_lane_event ev = {
+                .kind = NBDU_LANE_FAILED, .token = c->token, .cookie = s->cookie,
+                .offset = s->offset, .length = s->length, .err = -res,
+            };
+            push_event(lane, &ev);
+        }
+        slot_retire(lane, s);
+        return;
+    }
+    queue_reply(lane, s);
+}
+
+int nbdu_lane_send(struct nbdu_lane_conn *c, int fd)
+{
+    /* Send queued replies until the queue is empty (1), the socket is full (0), or an error
+     * (-errno). A reply partly sent is finished before anything else goes on the socket. */
+    struct iovec iov[LANE_IOV_MAX];
+    while (c->queue != NULL) {
+        unsigned n = 0;
+        size_t skip = c->sent;
+        for (struct lane_slot *s = c->queue; s != NULL && n + 2 <= LANE_IOV_MAX; s = s->next) {
+            if (skip < s->hdrlen) {
+                iov[n].iov_base = s->hdr + skip;
+                iov[n].iov_len = s->hdrlen - skip;
+                n++;
+                iov[n].iov_base = s->buf;
+                iov[n].iov_len = s->length;
+                n++;
+            } else {
+                iov[n].iov_base = s->buf + (skip - s->hdrlen);
+                iov[n].iov_len = s->length - (skip - s->hdrlen);
+                n++;
+            }
+            skip = 0;
+        }
+        struct msghdr msg = {.msg_iov = iov, .msg_iovlen = n};
+        ssize_t sent = sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (sent < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return 0;
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        size_t left = (size_t)sent + c->sent;
+        c->sent = 0;
+        while (c->queue != NULL) {
+            struct lane_slot *s = c->queue;
+            size_t whole = s->hdrlen + s->length;
+            if (left < whole) {
+                c->sent = left;
+                break;
+            }
+            left -= whole;
+            c->queue = s->next;
+            if (c->queue == NULL)
+                c->queue_tail = NULL;
+            slot_retire(c->lane, s);
+        }
+        if (c->sent)
+            return 0; /* the socket took part of a reply: it is full */
+    }
+    return 1;
+}

@@ -1,0 +1,254 @@
+"""The read lane: plain reads handled whole in C, from the request's bytes to the reply's.
+
+Most requests of a read-heavy client are reads with nothing unusual about them; for those the
+Python path (parse, admit, buffer, SQE, completion, reply header, send) is the server's main
+cost. The lane (``_csrc/lane.c``) takes them straight from a connection's receive buffer, reads
+into its own buffers through the ring and queues the replies, which :meth:`LaneConnection.send`
+writes in one ``sendmsg``. Python hears of a lane request only when it fails.
+
+The engine's rules hold: a lane read starts only while no write, trim or zeroing is admitted
+on its export (:class:`~nbd_uring.engine.ordering.OverlapTracker` keeps the lane told), and a
+write admitted while lane reads are in flight waits for those it overlaps
+(:meth:`LaneExport.wait`). Every byte a lane request holds counts against its connection's
+budget until its reply is sent.
+
+The lane knows the request and reply formats it handles (compact headers: a simple reply, or
+one OFFSET_DATA chunk); everything else stays with the server.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from nbd_uring._uring import ffi, lib
+
+if TYPE_CHECKING:
+    from nbd_uring.engine.ring import Ring
+
+log = logging.getLogger(__name__)
+
+_EVENTS = 64
+_REPLIES: int = lib.NBDU_LANE_REPLIES
+_FAILED: int = lib.NBDU_LANE_FAILED
+_READY: int = lib.NBDU_LANE_READY
+
+
+class LaneClient(Protocol):
+    """What a connection using the lane is told."""
+
+    def lane_replies(self) -> None:
+        """Replies are queued: call :meth:`LaneConnection.send` soon."""
+
+    def lane_failed(self, cookie: int, offset: int, length: int, err: int) -> None:
+        """A lane read failed with ``err``; the connection answers it (no budget is held)."""
+
+
+class Lane:
+    """One per ring. Idle buffers are kept up to ``max_cached`` bytes."""
+
+    def __init__(self, ring: Ring, sqes_in_flight: Any, max_cached: int = 32 * 1024 * 1024) -> None:
+        lane = lib.nbdu_lane_new(ring._ring, sqes_in_flight, max_cached)
+        if lane == ffi.NULL:
+            raise MemoryError("read lane")
+        self._lane: Any = lane
+        self._clients: dict[int, LaneClient] = {}
+        self._waiters: dict[int, Callable[[], None]] = {}
+        self._exports: dict[int, LaneExport] = {}
+        self._next_token = 1
+        self._events = ffi.new("struct nbdu_lane_event[]", _EVENTS)
+        self._live = 0
+        self.closed = False
+
+    @property
+    def in_flight(self) -> int:
+        return int(lib.nbdu_lane_inflight(self._lane))
+
+    def take_prepared(self) -> int:
+        """SQEs the lane prepared since the last call (the ring submits them)."""
+        return int(lib.nbdu_lane_take_prepared(self._lane))
+
+    def has_events(self) -> bool:
+        return bool(lib.nbdu_lane_pending_events(self._lane))
+
+    def export(self, fd: int, limit: int) -> LaneExport:
+        """Register an open file; lane reads must end at or before ``limit``."""
+        handle = lib.nbdu_lane_export_new(self._lane, fd, limit)
+        if handle == ffi.NULL:
+            raise MemoryError("read lane export")
+        self._live += 1
+        exp = LaneExport(self, handle, fd)
+        self._exports[id(exp)] = exp
+        return exp
+
+    def uses_fd(self, fd: int) -> bool:
+        return any(e.fd == fd and e.in_flight for e in self._exports.values())
+
+    def dispatch(self) -> None:
+        """Tell connections and waiters what the last reap did."""
+        lane, events = self._lane, self._events
+        while True:
+            n = lib.nbdu_lane_events(lane, events, _EVENTS)
+            for i in range(n):
+                ev = events[i]
+                kind = ev.kind
+                try:
+                    if kind == _REPLIES:
+                        client = self._clients.get(ev.token)
+                        if client is not None:
+                            client.lane_replies()
+                    elif kind == _FAILED:
+                        client = self._clients.get(ev.token)
+                        if client is not None:
+                            client.lane_failed(ev.cookie, ev.offset, ev.length, ev.err)
+                    else:
+                        self._waiters.pop(ev.token)()
+                except Exception:
+                    log.exception("read lane event handler failed")
+            if n < _EVENTS:
+                return
+
+    def close(self) -> None:
+        """The ring is closing: free the lane once its last connection and export are gone."""
+        if self._lane is not None:
+            lib.nbdu_lane_detach(self._lane)
+        self.closed = True
+        self._maybe_free()
+
+    def _token(self) -> int:
+        token = self._next_token
+        self._next_token = token + 1
+        return token
+
+    def _dead(self) -> None:
+        self._live -= 1
+        self._maybe_free()
+
+    def _maybe_free(self) -> None:
+        if self.closed and self._live == 0 and self._lane is not None:
+            lib.nbdu_lane_free(self._lane)
+            self._lane = None
+
+
+class LaneExport:
+    """An export's lane side: its file, reads in flight, writes waiting for them."""
+
+    def __init__(self, lane: Lane, handle: Any, fd: int) -> None:
+        self._lane = lane
+        self._handle: Any = handle
+        self.fd = fd
+
+    @property
+    def in_flight(self) -> int:
+        return 0 if self._handle is None else int(lib.nbdu_lane_export_inflight(self._handle))
+
+    def set_exclusive(self, active: bool) -> None:
+        """Whether a write, trim or zeroing is admitted: while one is, the lane takes no read."""
+        lib.nbdu_lane_export_set_exclusive(self._handle, 1 if active else 0)
+
+    def wait(self, start: int, end: int, ready: Callable[[], None]) -> bool:
+        """If lane reads in flight overlap ``[start, end)``: True, and ``ready`` is called once
+        the last of them has completed. Call only with :meth:`set_exclusive` on."""
+        token = self._lane._token()
+        rc = lib.nbdu_lane_export_wait(self._handle, start, end, token)
+        if rc < 0:
+            raise MemoryError("read lane waiter")
+        if rc == 0:
+            return False
+        self._lane._waiters[token] = ready
+        return True
+
+    def connect(
+        self,
+        client: LaneClient,
+        *,
+        size: int,
+        max_block: int,
+        min_block: int,
+        structured_max: int,
+        max_bytes: int,
+        max_requests: int,
+    ) -> LaneConnection:
+        """A connection in transmission on this export. ``structured_max``: 0 for simple
+        replies, else reads shorter than it are answered with one OFFSET_DATA chunk (longer
+        ones are left to Python)."""
+        lane = self._lane
+        token = lane._token()
+        handle = lib.nbdu_lane_conn_new(
+            lane._lane,
+            self._handle,
+            token,
+            size,
+            max_block,
+            min_block - 1,
+            structured_max,
+            max_bytes,
+            max_requests,
+        )
+        if handle == ffi.NULL:
+            raise MemoryError("read lane connection")
+        lane._clients[token] = client
+        lane._live += 1
+        return LaneConnection(lane, handle, token)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            lib.nbdu_lane_export_close(self._handle)
+            self._handle = None
+            self._lane._exports.pop(id(self), None)
+            self._lane._dead()
+
+
+class LaneConnection:
+    """One connection's lane: :meth:`feed` it received bytes, :meth:`send` its replies."""
+
+    __slots__ = ("_data", "_handle", "_lane", "_pos", "_token")
+
+    def __init__(self, lane: Lane, handle: Any, token: int) -> None:
+        self._lane = lane
+        self._handle: Any = handle
+        self._token = token
+        self._pos = ffi.new("size_t *")
+        self._data: Any = None
+
+    def attach(self, receive_buffer: Any) -> None:
+        """The connection's receive buffer (writable, fixed address: an mmap), for :meth:`feed`."""
+        self._data = ffi.from_buffer(receive_buffer)
+
+    def feed(self, pos: int, end: int, other_bytes: int, other_requests: int) -> int:
+        """Take the lane's requests from the receive buffer's ``[pos:end]``, up to the first
+        one it does not handle; returns where that one starts. ``other_*``: what the
+        connection's other requests hold of the budget."""
+        lib.nbdu_lane_feed(
+            self._handle, self._data, pos, end, other_bytes, other_requests, self._pos
+        )
+        return int(self._pos[0])
+
+    def send(self, fd: int) -> int:
+        """Send queued replies: 1 when none is left, 0 when the socket is full, or -errno."""
+        return int(lib.nbdu_lane_send(self._handle, fd))
+
+    @property
+    def requests(self) -> int:
+        """Lane requests received and not fully answered."""
+        return 0 if self._handle is None else int(lib.nbdu_lane_conn_requests(self._handle))
+
+    @property
+    def bytes(self) -> int:
+        """What those requests hold of the connection's byte budget."""
+        return 0 if self._handle is None else int(lib.nbdu_lane_conn_bytes(self._handle))
+
+    @property
+    def partial(self) -> bool:
+        """A reply is partly sent: it must be finished before anything else is sent."""
+        return self._handle is not None and bool(lib.nbdu_lane_conn_partial(self._handle))
+
+    def close(self) -> None:
+        """Drop unsent replies; reads in flight are retired by the lane as they complete."""
+        if self._handle is not None:
+            lib.nbdu_lane_conn_close(self._handle)
+            self._handle = None
+            self._data = None
+            self._lane._clients.pop(self._token, None)
+            self._lane._dead()
