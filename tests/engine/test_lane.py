@@ -1,0 +1,337 @@
+"""The read lane on a real ring, real files and a real socket pair: what it takes, what it
+answers, how it shares ordering and budget with the Python path, and how it fails."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nbd_uring.engine.buffers import BufferPool
+from nbd_uring.engine.export import Export
+from nbd_uring.engine.lane import LaneConnection, LaneExport
+from nbd_uring.engine.ring import Ring
+
+from ._ringwait import drain, run_until
+
+SIZE = 4 << 20
+REQUEST = struct.Struct(">IHHQQI")
+REQUEST_MAGIC = 0x25609513
+SIMPLE_MAGIC = 0x67446698
+STRUCTURED_MAGIC = 0x668E33EF
+READ, WRITE = 0, 1
+
+
+class Client:
+    """What a connection using the lane is told, recorded."""
+
+    def __init__(self) -> None:
+        self.notified = 0
+        self.failed: list[tuple[int, int, int, int]] = []
+
+    def lane_replies(self) -> None:
+        self.notified += 1
+
+    def lane_failed(self, cookie: int, offset: int, length: int, err: int) -> None:
+        self.failed.append((cookie, offset, length, err))
+
+
+@pytest.fixture
+def ring() -> Iterator[Ring]:
+    with Ring(64, lane=True) as r:
+        yield r
+
+
+@pytest.fixture
+def content() -> bytes:
+    return os.urandom(SIZE)
+
+
+@pytest.fixture
+def export(ring: Ring, tmp_path: Path, content: bytes) -> Iterator[Export]:
+    path = tmp_path / "disk.img"
+    path.write_bytes(content)
+    exp = Export(ring, str(path))
+    yield exp
+    exp.close()
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.settimeout(10)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def connect(
+    exp: LaneExport | None,
+    client: Client,
+    *,
+    structured: bool = False,
+    max_requests: int = 256,
+    max_bytes: int = 128 << 20,
+    size: int = SIZE,
+) -> tuple[LaneConnection, mmap.mmap]:
+    assert exp is not None
+    conn = exp.connect(
+        client,
+        size=size,
+        max_block=32 << 20,
+        min_block=1,
+        structured_max=64 * 1024 if structured else 0,
+        max_bytes=max_bytes,
+        max_requests=max_requests,
+    )
+    buf = mmap.mmap(-1, 256 * 1024)
+    conn.attach(buf)
+    return conn, buf
+
+
+def put(buf: mmap.mmap, requests: list[tuple[int, int, int, int, int]]) -> int:
+    """Write (flags, command, cookie, offset, length) headers at the start; returns the end."""
+    pos = 0
+    for flags, command, cookie, offset, length in requests:
+        REQUEST.pack_into(buf, pos, REQUEST_MAGIC, flags, command, cookie, offset, length)
+        pos += REQUEST.size
+    return pos
+
+
+def parse_simple(data: bytes, lengths: dict[int, int]) -> dict[int, bytes]:
+    replies: dict[int, bytes] = {}
+    pos = 0
+    while len(replies) < len(lengths):
+        magic, error, cookie = struct.unpack_from(">IIQ", data, pos)
+        assert magic == SIMPLE_MAGIC and error == 0
+        replies[cookie] = data[pos + 16 : pos + 16 + lengths[cookie]]
+        pos += 16 + lengths[cookie]
+    assert pos == len(data)
+    return replies
+
+
+def send_all(ring: Ring, conn: LaneConnection, pair: tuple[socket.socket, socket.socket]) -> bytes:
+    """Reap everything, then send every queued reply; returns what the peer received."""
+    drain(ring)
+    a, b = pair
+    received = bytearray()
+    while conn.send(a.fileno()) != 1:
+        received += b.recv(1 << 20)
+    b.setblocking(False)
+    try:
+        while True:
+            got = b.recv(1 << 20)
+            if not got:
+                break
+            received += got
+    except BlockingIOError:
+        pass
+    finally:
+        b.settimeout(10)
+    return bytes(received)
+
+
+def test_plain_reads_are_answered_whole_in_the_lane(
+    ring: Ring, export: Export, content: bytes, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    client = Client()
+    conn, buf = connect(export.lane, client)
+    reads = [(0, READ, 100 + i, i * 40960, 4096 * (1 + i % 8)) for i in range(40)]
+    end = put(buf, reads)
+    assert conn.feed(0, end, 0, 0) == end
+    assert conn.requests == 40
+    assert ring.in_flight == 40
+    data = send_all(ring, conn, pair)
+    assert client.notified == 1
+    got = parse_simple(data, {cookie: length for _f, _c, cookie, _o, length in reads})
+    for _f, _c, cookie, offset, length in reads:
+        assert got[cookie] == content[offset : offset + length]
+    assert (conn.requests, conn.bytes) == (0, 0)
+    conn.close()
+
+
+def test_structured_replies_are_one_offset_data_chunk(
+    ring: Ring, export: Export, content: bytes, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    conn, buf = connect(export.lane, Client(), structured=True)
+    end = put(buf, [(0, READ, 7, 12288, 8192)])
+    assert conn.feed(0, end, 0, 0) == end
+    data = send_all(ring, conn, pair)
+    magic, flags, type_, cookie, length, offset = struct.unpack_from(">IHHQIQ", data)
+    assert (magic, flags, type_, cookie, length) == (STRUCTURED_MAGIC, 1, 1, 7, 8 + 8192)
+    assert offset == 12288
+    assert data[28:] == content[12288 : 12288 + 8192]
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        (0, WRITE, 1, 0, 4096),  # not a read
+        (4, READ, 1, 0, 4096),  # a flag (DF)
+        (0, READ, 1, 0, 0),  # zero length
+        (0, READ, 1, SIZE - 4096, 8192),  # past the end
+        (0, READ, 1, 0, 64 * 1024),  # structured, long enough for holes to matter
+        (0, 9, 1, 0, 4096),  # an unknown command
+    ],
+)
+def test_feed_leaves_what_the_lane_does_not_handle(
+    export: Export, request_: tuple[int, int, int, int, int]
+) -> None:
+    conn, buf = connect(export.lane, Client(), structured=True)
+    end = put(buf, [(0, READ, 5, 0, 4096), request_, (0, READ, 6, 0, 4096)])
+    assert conn.feed(0, end, 0, 0) == REQUEST.size  # took the first, stopped at the second
+    assert conn.feed(0, REQUEST.size - 1, 0, 0) == 0  # an incomplete header stays
+    buf[REQUEST.size : REQUEST.size + 4] = b"\0\0\0\0"  # bad magic: Python's to refuse
+    assert conn.feed(REQUEST.size, end, 0, 0) == REQUEST.size
+    conn.close()
+    drain(export.ring)
+
+
+def test_no_lane_read_starts_while_a_write_is_admitted(
+    ring: Ring, export: Export, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    conn, buf = connect(export.lane, Client())
+    end = put(buf, [(0, READ, 1, 1 << 20, 4096)])
+    lease = BufferPool().acquire(4096)
+    lease.view[:] = b"w" * 4096
+    results: list[int] = []
+    export.write(0, lease, results.append)  # elsewhere on the disk, but a write all the same
+    assert conn.feed(0, end, 0, 0) == 0
+    drain(ring)
+    assert results == [0]
+    assert conn.feed(0, end, 0, 0) == end
+    assert len(send_all(ring, conn, pair)) == 16 + 4096
+    conn.close()
+
+
+def test_a_write_waits_for_the_lane_reads_it_overlaps(
+    ring: Ring, export: Export, content: bytes, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    conn, buf = connect(export.lane, Client())
+    end = put(buf, [(0, READ, 1, 8192, 65536), (0, READ, 2, 1 << 20, 4096)])
+    assert conn.feed(0, end, 0, 0) == end  # prepared, not yet submitted
+    pool = BufferPool()
+    overlapping, elsewhere = pool.acquire(4096), pool.acquire(4096)
+    overlapping.view[:] = b"o" * 4096
+    elsewhere.view[:] = b"e" * 4096
+    order: list[str] = []
+    export.write(65536, overlapping, lambda err: order.append(f"overlapping {err}"))
+    assert ring.in_flight == 2  # the two lane reads; the write waits
+    export.write(2 << 20, elsewhere, lambda err: order.append(f"elsewhere {err}"))
+    assert ring.in_flight == 3  # no overlap: it starts at once
+    data = send_all(ring, conn, pair)
+    assert sorted(order) == ["elsewhere 0", "overlapping 0"]
+    got = parse_simple(data, {1: 65536, 2: 4096})
+    assert got[1] == content[8192 : 8192 + 65536]  # what was there before the write
+    assert os.pread(export.fd, 4096, 65536) == b"o" * 4096
+    conn.close()
+
+
+def test_budget_counts_lane_requests_until_their_replies_are_sent(
+    ring: Ring, export: Export, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    conn, buf = connect(export.lane, Client(), max_requests=4, max_bytes=32 * 1024)
+    end = put(buf, [(0, READ, i, i * 4096, 4096) for i in range(6)])
+    # Two requests held elsewhere on the connection leave room for two here.
+    assert conn.feed(0, end, 0, 2) == 2 * REQUEST.size
+    assert (conn.requests, conn.bytes) == (2, 8192)
+    # 20 KiB held elsewhere: one more 4 KiB read fits the 32 KiB, the next would not.
+    pos = conn.feed(2 * REQUEST.size, end, 20 * 1024, 0)
+    assert pos == 3 * REQUEST.size
+    drain(ring)
+    assert conn.requests == 3  # until sent
+    assert conn.send(pair[0].fileno()) == 1
+    assert (conn.requests, conn.bytes) == (0, 0)
+    conn.close()
+
+
+def test_a_failed_read_goes_to_the_connection(
+    ring: Ring, tmp_path: Path, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    path = tmp_path / "w"
+    path.write_bytes(b"x" * SIZE)
+    fd = os.open(path, os.O_WRONLY)  # reads fail with EBADF
+    assert ring.lane is not None
+    exp = ring.lane.export(fd, SIZE)
+    try:
+        client = Client()
+        conn, buf = connect(exp, client)
+        end = put(buf, [(0, READ, 9, 4096, 4096)])
+        assert conn.feed(0, end, 0, 0) == end
+        run_until(ring, lambda: bool(client.failed))
+        assert client.failed == [(9, 4096, 4096, errno.EBADF)]
+        assert (conn.requests, conn.bytes) == (0, 0)
+        assert conn.send(pair[0].fileno()) == 1  # nothing queued
+        conn.close()
+    finally:
+        exp.close()
+        os.close(fd)
+
+
+def test_a_read_past_the_end_of_a_shrunk_file_fails_with_eio(
+    ring: Ring, export: Export, tmp_path: Path
+) -> None:
+    client = Client()
+    conn, buf = connect(export.lane, client)
+    os.truncate(tmp_path / "disk.img", 8192)
+    end = put(buf, [(0, READ, 3, 4096, 8192), (0, READ, 4, 65536, 4096)])
+    assert conn.feed(0, end, 0, 0) == end
+    run_until(ring, lambda: len(client.failed) == 2)
+    assert sorted(client.failed) == [(3, 4096, 8192, errno.EIO), (4, 65536, 4096, errno.EIO)]
+    conn.close()
+
+
+def test_a_full_socket_leaves_a_reply_half_sent_and_resumes_it(
+    ring: Ring, export: Export, content: bytes, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    a, b = pair
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+    conn, buf = connect(export.lane, Client())
+    reads = [(0, READ, i, i * 65536, 65536) for i in range(30)]
+    end = put(buf, reads)
+    assert conn.feed(0, end, 0, 0) == end
+    drain(ring)
+    assert conn.send(a.fileno()) == 0
+    received = bytearray()
+    partial_seen = False
+    while True:
+        partial_seen = partial_seen or conn.partial
+        received += b.recv(1 << 20)
+        if conn.send(a.fileno()) == 1:
+            break
+    assert partial_seen
+    b.settimeout(1)
+    try:
+        while len(received) < 30 * (16 + 65536):
+            received += b.recv(1 << 20)
+    except TimeoutError:
+        pass
+    assert len(received) == 30 * (16 + 65536)
+    pos = 0
+    for _ in reads:
+        magic, error, cookie = struct.unpack_from(">IIQ", received, pos)
+        assert (magic, error) == (SIMPLE_MAGIC, 0)
+        offset = cookie * 65536
+        assert received[pos + 16 : pos + 16 + 65536] == content[offset : offset + 65536]
+        pos += 16 + 65536
+    conn.close()
+
+
+def test_closing_with_reads_in_flight_retires_them(ring: Ring, export: Export) -> None:
+    client = Client()
+    conn, buf = connect(export.lane, client)
+    end = put(buf, [(0, READ, i, i * 4096, 4096) for i in range(16)])
+    assert conn.feed(0, end, 0, 0) == end
+    conn.close()
+    drain(ring)
+    assert ring.in_flight == 0
+    assert client.notified == 0 and client.failed == []
+    assert not ring.uses_fd(export.fd)
