@@ -22,6 +22,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <liburing.h>
 
 #include "nbdu.h"
@@ -98,6 +99,7 @@ struct nbdu_lane {
     unsigned cq_entries;
     unsigned inflight;
     unsigned prepared; /* SQEs prepared since Python last asked */
+    unsigned failures; /* FAILED events queued: Python must answer them */
     void *free_bufs[CLASSES];
     size_t cached, max_cached;
     struct lane_slot *free_slots;
@@ -222,6 +224,8 @@ unsigned nbdu_lane_events(struct nbdu_lane *lane, struct nbdu_lane_event *out, u
     while (n < max && lane->events_head < lane->nevents) {
         struct nbdu_lane_event *ev = &lane->events[lane->events_head++];
         out[n++] = *ev;
+        if (ev->kind == NBDU_LANE_FAILED)
+            lane->failures--;
         if (ev->kind == NBDU_LANE_REPLIES) {
             ev->conn->notified = 0;
             conn_unref(ev->conn); /* the event's reference, so the pointer stayed valid */
@@ -578,7 +582,8 @@ void nbdu_lane_complete(struct nbdu_lane *lane, uint64_t user_data, int32_t res)
                 .kind = NBDU_LANE_FAILED, .token = c->token, .cookie = s->cookie,
                 .offset = s->offset, .length = s->length, .err = -res,
             };
-            push_event(lane, &ev);
+            if (push_event(lane, &ev) == 0)
+                lane->failures++;
         }
         slot_retire(lane, s);
         return;
@@ -637,4 +642,86 @@ int nbdu_lane_send(struct nbdu_lane_conn *c, int fd)
             return 0; /* the socket took part of a reply: it is full */
     }
     return 1;
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+int nbdu_lane_serve(struct nbdu_lane_conn *c, int fd, unsigned char *buf, size_t cap,
+                    size_t *end_io, uint64_t poll_ns, unsigned max_rounds)
+{
+    /* The connection's reader loop for a lone client whose requests are all the lane's:
+     * take, submit, reap, send, and poll the socket up to poll_ns for the next requests, for
+     * at most max_rounds receives. buf[0:*end_io] holds what was received and not yet taken
+     * (at most a partial header, or a request for Python). Returns NBDU_SERVE_IDLE (polled in
+     * vain: wait for the socket), NBDU_SERVE_PYTHON (something needs Python: a request the
+     * lane does not take, an event, a completion or reads still in flight, a full socket,
+     * or the round limit), NBDU_SERVE_EOF, or -errno. *end_io is updated; data starts at 0. */
+    struct nbdu_lane *lane = c->lane;
+    struct nbdu_ring *r = lane->ring;
+    size_t end = *end_io;
+    int status = NBDU_SERVE_PYTHON;
+
+    nbdu_eventfd_enable(r, 0); /* completions reaped here need no wake-up */
+    for (unsigned round = 0; round < max_rounds; round++) {
+        size_t pos = 0;
+        if (end >= 28) {
+            nbdu_lane_feed(c, buf, 0, end, 0, 0, &pos);
+            if (pos) {
+                memmove(buf, buf + pos, end - pos);
+                end -= pos;
+            }
+        }
+        if (lane->prepared) {
+            lane->prepared = 0;
+            int rc = nbdu_submit(r);
+            if (rc < 0) {
+                status = rc;
+                break;
+            }
+        }
+        int other = nbdu_reap_lane_only(r);
+        if (c->queue != NULL) {
+            int rc = nbdu_lane_send(c, fd);
+            if (rc <= 0) {
+                status = rc < 0 ? rc : NBDU_SERVE_PYTHON;
+                break;
+            }
+        }
+        if (end >= 28 || other || lane->failures || c->requests || c->closed)
+            break; /* a request the lane did not take, or something else for Python */
+        uint64_t deadline = 0;
+        for (;;) {
+            ssize_t n = recv(fd, buf + end, cap - end, MSG_DONTWAIT);
+            if (n > 0) {
+                end += (size_t)n;
+                break;
+            }
+            if (n == 0) {
+                status = NBDU_SERVE_EOF;
+                goto out;
+            }
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                status = -errno;
+                goto out;
+            }
+            uint64_t t = now_ns();
+            if (deadline == 0)
+                deadline = t + poll_ns;
+            else if (t >= deadline) {
+                status = NBDU_SERVE_IDLE;
+                goto out;
+            }
+        }
+    }
+out:
+    nbdu_eventfd_enable(r, 1);
+    *end_io = end;
+    return status;
 }

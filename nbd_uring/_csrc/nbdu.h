@@ -40,6 +40,7 @@ struct nbdu_lane;
 struct nbdu_lane_export;
 struct nbdu_lane_conn;
 enum { NBDU_LANE_REPLIES = 1, NBDU_LANE_FAILED = 2, NBDU_LANE_READY = 3 };
+enum { NBDU_SERVE_IDLE = 0, NBDU_SERVE_PYTHON = 1, NBDU_SERVE_EOF = 2 };
 struct nbdu_lane_event {
     unsigned kind;
     uint64_t token;
@@ -76,3 +77,5 @@ int nbdu_lane_conn_partial(struct nbdu_lane_conn *c);
 int nbdu_lane_feed(struct nbdu_lane_conn *c, const unsigned char *data, size_t pos, size_t end,
                    uint64_t other_bytes, unsigned other_requests, size_t *pos_out);
 int nbdu_lane_send(struct nbdu_lane_conn *c, int fd);
+int nbdu_lane_serve(struct nbdu_lane_conn *c, int fd, unsigned char *buf, size_t cap,
+                    size_t *end_io, uint64_t poll_ns, unsigned max_rounds);

@@ -33,6 +33,11 @@ _EVENTS = 64
 _REPLIES: int = lib.NBDU_LANE_REPLIES
 _FAILED: int = lib.NBDU_LANE_FAILED
 _READY: int = lib.NBDU_LANE_READY
+SERVE_IDLE: int = lib.NBDU_SERVE_IDLE
+SERVE_PYTHON: int = lib.NBDU_SERVE_PYTHON
+SERVE_EOF: int = lib.NBDU_SERVE_EOF
+SERVE_ROUNDS = 32
+"""Receives :meth:`LaneConnection.serve` makes before it lets the event loop run."""
 
 
 class LaneClient(Protocol):
@@ -203,7 +208,7 @@ class LaneExport:
 class LaneConnection:
     """One connection's lane: :meth:`feed` it received bytes, :meth:`send` its replies."""
 
-    __slots__ = ("_data", "_handle", "_lane", "_pos", "_token")
+    __slots__ = ("_cap", "_data", "_handle", "_lane", "_pos", "_token")
 
     def __init__(self, lane: Lane, handle: Any, token: int) -> None:
         self._lane = lane
@@ -211,10 +216,24 @@ class LaneConnection:
         self._token = token
         self._pos = ffi.new("size_t *")
         self._data: Any = None
+        self._cap = 0
 
     def attach(self, receive_buffer: Any) -> None:
         """The connection's receive buffer (writable, fixed address: an mmap), for :meth:`feed`."""
-        self._data = ffi.from_buffer(receive_buffer)
+        self._data = ffi.from_buffer(receive_buffer, require_writable=True)
+        self._cap = len(self._data)
+
+    def serve(self, fd: int, end: int, poll_ns: int) -> tuple[int, int]:
+        """The reader's loop in C, for a lone client with nothing else in flight: take its
+        requests, read, reply, and poll ``fd`` up to ``poll_ns`` for the next ones, until
+        something needs Python. The receive buffer holds ``[0:end)`` unread; returns
+        ``(SERVE_IDLE | SERVE_PYTHON | SERVE_EOF or -errno, end)``, data again from 0."""
+        pos = self._pos
+        pos[0] = end
+        rc = lib.nbdu_lane_serve(
+            self._handle, fd, self._data, self._cap, pos, poll_ns, SERVE_ROUNDS
+        )
+        return int(rc), int(pos[0])
 
     def feed(self, pos: int, end: int, other_bytes: int, other_requests: int) -> int:
         """Take the lane's requests from the receive buffer's ``[pos:end]``, up to the first

@@ -288,6 +288,9 @@ class Ring:
                     looked = True
                     _check(lib.nbdu_get_events(ring), "io_uring_enter")
                     continue
+                lane = self.lane
+                if lane is not None and lane.has_events():
+                    lane.dispatch()  # what the lane's own loop reaped (LaneConnection.serve)
                 return total
         finally:
             self._submitting = False

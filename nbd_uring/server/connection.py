@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from nbd_uring.engine.buffers import Buffer
-from nbd_uring.engine.lane import LaneConnection
+from nbd_uring.engine.lane import SERVE_EOF, SERVE_IDLE, SERVE_PYTHON, LaneConnection
 from nbd_uring.engine.ring import Completion
 from nbd_uring.protocol import (
     EXTENDED_REQUEST_SIZE,
@@ -569,9 +569,20 @@ class Connection:
                 except BlockingIOError:
                     eager = 0
                     if poll_ns and not budget.outstanding and server.connections == 1:
-                        n = _poll_recv(raw, mv[end:], poll_ns)
-                        if n >= 0:
-                            break
+                        if lane is not None and not self.draining:
+                            status, end = lane.serve(self._fd, end, poll_ns)
+                            if status == SERVE_PYTHON:
+                                n = -1
+                                break
+                            if status == SERVE_EOF:
+                                n = 0
+                                break
+                            if status != SERVE_IDLE:
+                                raise ClientGone(os.strerror(-status)) from None
+                        else:
+                            n = _poll_recv(raw, mv[end:], poll_ns)
+                            if n >= 0:
+                                break
                     if idle_timeout is None or budget.outstanding or end:
                         await trio.lowlevel.wait_readable(raw)
                         continue
@@ -585,9 +596,12 @@ class Connection:
                 except _PEER_GONE as exc:
                     raise ClientGone(str(exc)) from None
             eager += 1
-            if eager >= EAGER_RECVS:
+            if eager >= EAGER_RECVS or n < 0:
                 eager = 0
                 await trio.lowlevel.checkpoint()
+            if n < 0:  # the lane served in C; what it left is Python's
+                self._quiet = True
+                continue
             if n == 0:
                 if end:
                     raise ProtocolViolation(

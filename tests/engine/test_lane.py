@@ -15,7 +15,7 @@ import pytest
 
 from nbd_uring.engine.buffers import BufferPool
 from nbd_uring.engine.export import Export
-from nbd_uring.engine.lane import LaneConnection, LaneExport
+from nbd_uring.engine.lane import SERVE_EOF, SERVE_IDLE, SERVE_PYTHON, LaneConnection, LaneExport
 from nbd_uring.engine.ring import Ring
 
 from ._ringwait import drain, run_until
@@ -335,3 +335,65 @@ def test_closing_with_reads_in_flight_retires_them(ring: Ring, export: Export) -
     assert ring.in_flight == 0
     assert client.notified == 0 and client.failed == []
     assert not ring.uses_fd(export.fd)
+
+
+def test_serve_answers_a_lone_client_until_it_goes_quiet(
+    ring: Ring, export: Export, content: bytes, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    """The reader's loop in C: requests already buffered and those that arrive while it
+    polls are answered; with nothing more coming it reports IDLE, keeping a partial header."""
+    a, b = pair
+    client = Client()
+    conn, buf = connect(export.lane, client)
+    end = put(buf, [(0, READ, 1, 0, 4096)])
+    b.sendall(REQUEST.pack(REQUEST_MAGIC, 0, READ, 2, 8192, 4096) + b"\x25\x60")
+    status, end = conn.serve(a.fileno(), end, 2_000_000)
+    assert (status, end) == (SERVE_IDLE, 2)
+    assert bytes(buf[:2]) == b"\x25\x60"
+    got = parse_simple(b.recv(1 << 16), {1: 4096, 2: 4096})
+    assert got == {1: content[:4096], 2: content[8192 : 8192 + 4096]}
+    assert (conn.requests, ring.in_flight) == (0, 0)
+    conn.close()
+
+
+def test_serve_hands_python_what_is_not_the_lanes(
+    ring: Ring, export: Export, content: bytes, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    a, b = pair
+    conn, buf = connect(export.lane, Client())
+    b.sendall(
+        REQUEST.pack(REQUEST_MAGIC, 0, READ, 1, 0, 4096)
+        + REQUEST.pack(REQUEST_MAGIC, 0, WRITE, 2, 0, 4)
+        + b"data"
+    )
+    status, end = conn.serve(a.fileno(), 0, 1_000_000_000)
+    assert status == SERVE_PYTHON
+    assert bytes(buf[:end]) == REQUEST.pack(REQUEST_MAGIC, 0, WRITE, 2, 0, 4) + b"data"
+    assert parse_simple(b.recv(1 << 16), {1: 4096}) == {1: content[:4096]}
+    b.close()
+    status, end = conn.serve(a.fileno(), 0, 1_000_000_000)
+    assert (status, end) == (SERVE_EOF, 0)
+    conn.close()
+
+
+def test_serve_returns_when_a_read_fails(ring: Ring, tmp_path: Path) -> None:
+    path = tmp_path / "w"
+    path.write_bytes(b"x" * SIZE)
+    fd = os.open(path, os.O_WRONLY)
+    assert ring.lane is not None
+    exp = ring.lane.export(fd, SIZE)
+    a, b = socket.socketpair()
+    try:
+        client = Client()
+        conn, _buf = connect(exp, client)
+        b.sendall(REQUEST.pack(REQUEST_MAGIC, 0, READ, 4, 0, 4096))
+        status, _end = conn.serve(a.fileno(), 0, 1_000_000_000)
+        assert status == SERVE_PYTHON
+        ring.submit()  # what the reader does next: reap and hand out the lane's events
+        assert client.failed == [(4, 0, 4096, errno.EBADF)]
+        conn.close()
+    finally:
+        exp.close()
+        os.close(fd)
+        a.close()
+        b.close()
