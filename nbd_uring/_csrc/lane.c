@@ -8,8 +8,8 @@
  * and answer with an error reply) and calls in once per receive, per reap and per send.
  *
  * Ordering: reads never conflict with reads, so a lane read needs only to know that no write,
- * trim or zeroing is admitted on its export (Python keeps `exclusive_active` up to date and
- * the lane declines every read while it is non-zero). A write admitted while lane reads are
+ * trim or zeroing is admitted on its export (Python keeps `st.exclusive` up to date, and the
+ * lane declines every read while it is set). A write admitted while lane reads are
  * in flight asks which of them overlap it and waits for those (a "waiter", announced to Python
  * by an event when the last of them completes).
  *
@@ -66,8 +66,7 @@ struct nbdu_lane_export {
     int fd;
     int closed;
     uint64_t limit; /* reads must end at or before this (the size, or a direct-I/O tail) */
-    int exclusive_active;
-    unsigned inflight;
+    struct nbdu_lane_export_state st; /* shared with Python: reads in flight, writes admitted */
     unsigned refs;
     struct lane_slot *reads; /* in flight, doubly linked */
     struct lane_waiter *waiters;
@@ -84,13 +83,12 @@ struct nbdu_lane_conn {
     uint32_t align_mask;
     uint32_t structured_max; /* 0: simple replies; else reads shorter than this get a chunk */
     uint32_t max_requests;
-    uint64_t bytes;    /* lane requests received and not yet fully replied to */
-    uint32_t requests;
+    struct nbdu_lane_tally t; /* requests received and not fully replied to; Python reads it */
     int closed;
     int notified;
     unsigned refs;
     struct lane_slot *queue, *queue_tail; /* replies to send, oldest first */
-    size_t sent;                          /* bytes of the queue's head already sent */
+    size_t sent;                          /* bytes of the queue's head already sent (t.partial) */
 };
 
 struct nbdu_lane {
@@ -284,8 +282,8 @@ static void slot_retire(struct nbdu_lane *lane, struct lane_slot *s)
     struct nbdu_lane_conn *c = s->conn;
     if (s->buf != NULL)
         buf_put(lane, s->buf, s->cls);
-    c->bytes -= s->length;
-    c->requests--;
+    c->t.bytes -= s->length;
+    c->t.requests--;
     s->next = lane->free_slots;
     lane->free_slots = s;
     conn_unref(c);
@@ -319,22 +317,12 @@ static void export_unref(struct nbdu_lane_export *e)
     }
 }
 
-void nbdu_lane_export_set_exclusive(struct nbdu_lane_export *e, int active)
-{
-    e->exclusive_active = active;
-}
-
-unsigned nbdu_lane_export_inflight(struct nbdu_lane_export *e)
-{
-    return e->inflight;
-}
-
 int nbdu_lane_export_wait(struct nbdu_lane_export *e, uint64_t start, uint64_t end,
                           uint64_t token)
 {
     /* How many lane reads in flight overlap [start, end); if any, an event with `token`
      * comes once the last of them has completed. No new lane read can start meanwhile:
-     * the caller has already raised exclusive_active. */
+     * the caller has already set st.exclusive. */
     unsigned count = 0;
     for (struct lane_slot *s = e->reads; s != NULL; s = s->next)
         if (s->offset < end && start < s->offset + s->length)
@@ -363,7 +351,7 @@ static void export_read_done(struct nbdu_lane *lane, struct lane_slot *s)
     if (s->next != NULL)
         s->next->prev = s->prev;
     s->next = s->prev = NULL;
-    e->inflight--;
+    e->st.inflight--;
     uint64_t end = s->offset + s->length;
     for (unsigned i = 0; i < e->nwaiters;) {
         struct lane_waiter *w = &e->waiters[i];
@@ -417,6 +405,7 @@ void nbdu_lane_conn_close(struct nbdu_lane_conn *c)
     struct lane_slot *s = c->queue;
     c->queue = c->queue_tail = NULL;
     c->sent = 0;
+    c->t.partial = 0;
     while (s != NULL) {
         struct lane_slot *next = s->next;
         slot_retire(c->lane, s); /* drops the slot's reference; Python's is still held */
@@ -425,19 +414,16 @@ void nbdu_lane_conn_close(struct nbdu_lane_conn *c)
     conn_unref(c);
 }
 
-uint64_t nbdu_lane_conn_bytes(struct nbdu_lane_conn *c)
+
+
+struct nbdu_lane_tally *nbdu_lane_conn_tally(struct nbdu_lane_conn *c)
 {
-    return c->bytes;
+    return &c->t;
 }
 
-unsigned nbdu_lane_conn_requests(struct nbdu_lane_conn *c)
+struct nbdu_lane_export_state *nbdu_lane_export_state(struct nbdu_lane_export *e)
 {
-    return c->requests;
-}
-
-int nbdu_lane_conn_partial(struct nbdu_lane_conn *c)
-{
-    return c->sent != 0;
+    return &e->st;
 }
 
 
@@ -471,7 +457,7 @@ int nbdu_lane_feed(struct nbdu_lane_conn *c, const unsigned char *data, size_t p
     struct nbdu_lane *lane = c->lane;
     struct nbdu_lane_export *e = c->exp;
     int taken = 0;
-    while (end - pos >= 28 && !c->closed && !e->closed && !e->exclusive_active) {
+    while (end - pos >= 28 && !c->closed && !e->closed && !e->st.exclusive) {
         const unsigned char *h = data + pos;
         if (be32(h) != NBD_REQUEST_MAGIC || be16(h + 4) != 0 || be16(h + 6) != NBD_CMD_READ)
             break;
@@ -482,8 +468,8 @@ int nbdu_lane_feed(struct nbdu_lane_conn *c, const unsigned char *data, size_t p
             length > c->size - offset || ((offset | length) & c->align_mask) ||
             offset + length > e->limit || (c->structured_max && length >= c->structured_max))
             break;
-        uint64_t bytes = c->bytes + other_bytes;
-        if (c->requests + other_requests >= c->max_requests ||
+        uint64_t bytes = c->t.bytes + other_bytes;
+        if (c->t.requests + other_requests >= c->max_requests ||
             (bytes > 0 && bytes + length > c->max_bytes))
             break;
         if (*lane->sqes_in_flight + 1 > lane->cq_entries)
@@ -514,11 +500,11 @@ int nbdu_lane_feed(struct nbdu_lane_conn *c, const unsigned char *data, size_t p
         if (e->reads != NULL)
             e->reads->prev = s;
         e->reads = s;
-        e->inflight++;
+        e->st.inflight++;
         e->refs++;
         c->refs++;
-        c->bytes += length;
-        c->requests++;
+        c->t.bytes += length;
+        c->t.requests++;
         pos += 28;
         taken++;
     }
@@ -625,11 +611,13 @@ int nbdu_lane_send(struct nbdu_lane_conn *c, int fd)
         }
         size_t left = (size_t)sent + c->sent;
         c->sent = 0;
+        c->t.partial = 0;
         while (c->queue != NULL) {
             struct lane_slot *s = c->queue;
             size_t whole = s->hdrlen + s->length;
             if (left < whole) {
                 c->sent = left;
+                c->t.partial = left != 0;
                 break;
             }
             left -= whole;
@@ -692,7 +680,7 @@ int nbdu_lane_serve(struct nbdu_lane_conn *c, int fd, unsigned char *buf, size_t
                 break;
             }
         }
-        if (end >= 28 || other || lane->failures || c->requests || c->closed)
+        if (end >= 28 || other || lane->failures || c->t.requests || c->closed)
             break; /* a request the lane did not take, or something else for Python */
         uint64_t deadline = 0;
         for (;;) {

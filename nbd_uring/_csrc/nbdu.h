@@ -41,6 +41,15 @@ struct nbdu_lane_export;
 struct nbdu_lane_conn;
 enum { NBDU_LANE_REPLIES = 1, NBDU_LANE_FAILED = 2, NBDU_LANE_READY = 3 };
 enum { NBDU_SERVE_IDLE = 0, NBDU_SERVE_PYTHON = 1, NBDU_SERVE_EOF = 2 };
+struct nbdu_lane_tally {
+    uint64_t bytes;    /* what a connection's lane requests hold of its budget */
+    uint32_t requests;
+    uint32_t partial;  /* a reply is partly sent */
+};
+struct nbdu_lane_export_state {
+    uint32_t inflight;  /* lane reads in flight */
+    uint32_t exclusive; /* set by Python while a write, trim or zeroing is admitted */
+};
 struct nbdu_lane_event {
     unsigned kind;
     uint64_t token;
@@ -61,8 +70,7 @@ unsigned nbdu_lane_pending_events(struct nbdu_lane *lane);
 
 struct nbdu_lane_export *nbdu_lane_export_new(struct nbdu_lane *lane, int fd, uint64_t limit);
 void nbdu_lane_export_close(struct nbdu_lane_export *e);
-void nbdu_lane_export_set_exclusive(struct nbdu_lane_export *e, int active);
-unsigned nbdu_lane_export_inflight(struct nbdu_lane_export *e);
+struct nbdu_lane_export_state *nbdu_lane_export_state(struct nbdu_lane_export *e);
 int nbdu_lane_export_wait(struct nbdu_lane_export *e, uint64_t start, uint64_t end,
                           uint64_t token);
 
@@ -71,9 +79,7 @@ struct nbdu_lane_conn *nbdu_lane_conn_new(struct nbdu_lane *lane, struct nbdu_la
                                           uint32_t align_mask, uint32_t structured_max,
                                           uint64_t max_bytes, uint32_t max_requests);
 void nbdu_lane_conn_close(struct nbdu_lane_conn *c);
-uint64_t nbdu_lane_conn_bytes(struct nbdu_lane_conn *c);
-unsigned nbdu_lane_conn_requests(struct nbdu_lane_conn *c);
-int nbdu_lane_conn_partial(struct nbdu_lane_conn *c);
+struct nbdu_lane_tally *nbdu_lane_conn_tally(struct nbdu_lane_conn *c);
 int nbdu_lane_feed(struct nbdu_lane_conn *c, const unsigned char *data, size_t pos, size_t end,
                    uint64_t other_bytes, unsigned other_requests, size_t *pos_out);
 int nbdu_lane_send(struct nbdu_lane_conn *c, int fd);

@@ -143,18 +143,18 @@ class LaneExport:
         self._lane = lane
         self._handle: Any = handle
         self.fd = fd
+        self.state: Any = lib.nbdu_lane_export_state(handle)
+        """Shared with C, read and written without a call: ``inflight``, the lane's reads in
+        flight, and ``exclusive``, set while a write, trim or zeroing is admitted (the lane
+        then takes no read of this export)."""
 
     @property
     def in_flight(self) -> int:
-        return 0 if self._handle is None else int(lib.nbdu_lane_export_inflight(self._handle))
-
-    def set_exclusive(self, active: bool) -> None:
-        """Whether a write, trim or zeroing is admitted: while one is, the lane takes no read."""
-        lib.nbdu_lane_export_set_exclusive(self._handle, 1 if active else 0)
+        return 0 if self._handle is None else int(self.state.inflight)
 
     def wait(self, start: int, end: int, ready: Callable[[], None]) -> bool:
         """If lane reads in flight overlap ``[start, end)``: True, and ``ready`` is called once
-        the last of them has completed. Call only with :meth:`set_exclusive` on."""
+        the last of them has completed. Call only with ``state.exclusive`` set."""
         token = self._lane._token()
         rc = lib.nbdu_lane_export_wait(self._handle, start, end, token)
         if rc < 0:
@@ -201,6 +201,7 @@ class LaneExport:
         if self._handle is not None:
             lib.nbdu_lane_export_close(self._handle)
             self._handle = None
+            self.state = ffi.new("struct nbdu_lane_export_state *")
             self._lane._exports.pop(id(self), None)
             self._lane._dead()
 
@@ -208,7 +209,7 @@ class LaneExport:
 class LaneConnection:
     """One connection's lane: :meth:`feed` it received bytes, :meth:`send` its replies."""
 
-    __slots__ = ("_cap", "_data", "_handle", "_lane", "_pos", "_token")
+    __slots__ = ("_cap", "_data", "_handle", "_lane", "_pos", "_token", "tally")
 
     def __init__(self, lane: Lane, handle: Any, token: int) -> None:
         self._lane = lane
@@ -217,6 +218,9 @@ class LaneConnection:
         self._pos = ffi.new("size_t *")
         self._data: Any = None
         self._cap = 0
+        self.tally: Any = lib.nbdu_lane_conn_tally(handle)
+        """Shared with C, read without a call: ``bytes`` and ``requests`` the lane's requests
+        hold of the budget until their replies are sent, ``partial`` while one is half sent."""
 
     def attach(self, receive_buffer: Any) -> None:
         """The connection's receive buffer (writable, fixed address: an mmap), for :meth:`feed`."""
@@ -251,17 +255,17 @@ class LaneConnection:
     @property
     def requests(self) -> int:
         """Lane requests received and not fully answered."""
-        return 0 if self._handle is None else int(lib.nbdu_lane_conn_requests(self._handle))
+        return int(self.tally.requests)
 
     @property
     def bytes(self) -> int:
         """What those requests hold of the connection's byte budget."""
-        return 0 if self._handle is None else int(lib.nbdu_lane_conn_bytes(self._handle))
+        return int(self.tally.bytes)
 
     @property
     def partial(self) -> bool:
         """A reply is partly sent: it must be finished before anything else is sent."""
-        return self._handle is not None and bool(lib.nbdu_lane_conn_partial(self._handle))
+        return bool(self.tally.partial)
 
     def close(self) -> None:
         """Drop unsent replies; reads in flight are retired by the lane as they complete."""
@@ -269,5 +273,6 @@ class LaneConnection:
             lib.nbdu_lane_conn_close(self._handle)
             self._handle = None
             self._data = None
+            self.tally = ffi.new("struct nbdu_lane_tally *")  # all zero from here on
             self._lane._clients.pop(self._token, None)
             self._lane._dead()

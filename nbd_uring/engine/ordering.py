@@ -80,9 +80,9 @@ class OverlapTracker:
             self.exclusive_active += 1
             lane = self.lane
             if lane is not None:
-                if self.exclusive_active == 1:
-                    lane.set_exclusive(True)
-                if lane.wait(start, end, lambda: _lane_done(entry)):
+                state = lane.state
+                state.exclusive = 1
+                if state.inflight and lane.wait(start, end, lambda: _lane_done(entry)):
                     entry.blockers += 1
         first, last = start >> GRANULE_SHIFT, (end - 1) >> GRANULE_SHIFT
         if first == last:
@@ -140,7 +140,7 @@ class OverlapTracker:
         if entry.exclusive:
             self.exclusive_active -= 1
             if self.exclusive_active == 0 and self.lane is not None:
-                self.lane.set_exclusive(False)
+                self.lane.state.exclusive = 0
         for dependent in entry.dependents:
             dependent.blockers -= 1
             if dependent.blockers == 0:

@@ -105,15 +105,16 @@ class _Budget:
         requests, used = self.requests, self.bytes
         lane = self.lane
         if lane is not None:
-            requests += lane.requests
-            used += lane.bytes
+            tally = lane.tally
+            requests += tally.requests
+            used += tally.bytes
         return requests >= self.max_requests or (used > 0 and used + nbytes > self.max_bytes)
 
     @property
     def outstanding(self) -> int:
         """Requests received and not yet answered, the lane's included."""
         lane = self.lane
-        return self.requests if lane is None else self.requests + lane.requests
+        return self.requests if lane is None else self.requests + int(lane.tally.requests)
 
     def lane_released(self) -> None:
         """The lane sent replies: wake whoever waits for room."""
@@ -455,7 +456,8 @@ class Connection:
         self._quiet = True
         while True:
             while end - pos >= hsize:
-                if lane is not None and not self.draining:
+                if lane is not None and not buf[pos + 7] and not self.draining:
+                    # A READ (the command's low byte is 0): maybe the lane's.
                     pos = lane.feed(pos, end, budget.bytes, budget.requests)
                     if end - pos < hsize:
                         break
@@ -946,7 +948,7 @@ class Connection:
         The read lane queues its replies apart; a reply partly sent, from either queue, is
         finished before the other queue sends anything."""
         lane = self._lane
-        if lane is not None and lane.partial and not self._lane_send(lane):
+        if lane is not None and lane.tally.partial and not self._lane_send(lane):
             return False
         iov = self._unsent
         if self._replies:
