@@ -1,8 +1,10 @@
+#define _GNU_SOURCE /* SEEK_HOLE */
 /*
  * The read lane: plain NBD_CMD_READs handled in C from the request header to the reply.
  *
  * A READ with compact headers, no flags, in bounds and aligned, on an export with strict
- * ordering and no write in flight, is parsed, given a buffer, prepared as an SQE, completed and
+ * ordering and no write in flight (and, with structured replies, of 64 KiB or more only over
+ * a range without holes), is parsed, given a buffer, prepared as an SQE, completed and
  * turned into a reply (simple, or one OFFSET_DATA chunk) here, and sent with the connection's
  * other lane replies in one sendmsg. Python sees such a request only if it fails (to log it
  * and answer with an error reply) and calls in once per receive, per reap and per send.
@@ -23,6 +25,7 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
+#include <unistd.h>
 #include <liburing.h>
 
 #include "nbdu.h"
@@ -81,7 +84,8 @@ struct nbdu_lane_conn {
     uint64_t max_bytes;
     uint32_t max_block;
     uint32_t align_mask;
-    uint32_t structured_max; /* 0: simple replies; else reads shorter than this get a chunk */
+    uint32_t hole_check_from; /* 0: simple replies; else structured (one OFFSET_DATA chunk),
+                               * and reads this long or longer only over a range of data */
     uint32_t max_requests;
     struct nbdu_lane_tally t; /* requests received and not fully replied to; Python reads it */
     int closed;
@@ -370,7 +374,7 @@ static void export_read_done(struct nbdu_lane *lane, struct lane_slot *s)
 
 struct nbdu_lane_conn *nbdu_lane_conn_new(struct nbdu_lane *lane, struct nbdu_lane_export *e,
                                           uint64_t token, uint64_t size, uint32_t max_block,
-                                          uint32_t align_mask, uint32_t structured_max,
+                                          uint32_t align_mask, uint32_t hole_check_from,
                                           uint64_t max_bytes, uint32_t max_requests)
 {
     struct nbdu_lane_conn *c = calloc(1, sizeof(*c));
@@ -383,7 +387,7 @@ struct nbdu_lane_conn *nbdu_lane_conn_new(struct nbdu_lane *lane, struct nbdu_la
     c->size = size;
     c->max_block = max_block < LANE_MAX_LENGTH ? max_block : LANE_MAX_LENGTH;
     c->align_mask = align_mask;
-    c->structured_max = structured_max;
+    c->hole_check_from = hole_check_from;
     c->max_bytes = max_bytes;
     c->max_requests = max_requests;
     c->refs = 1;
@@ -448,6 +452,18 @@ static int prep_slot(struct nbdu_lane *lane, struct lane_slot *s)
     return 0;
 }
 
+static int all_data(struct nbdu_lane_export *e, uint64_t offset, uint32_t length)
+{
+    /* Whether the range has no hole, so one OFFSET_DATA chunk is the whole structured reply
+     * (a range with holes goes to Python, which sends OFFSET_HOLE chunks for them). One
+     * lseek: the layout cannot change before the read, since nothing that writes is admitted
+     * while the lane takes reads. A file system that cannot tell has no holes, as in Python. */
+    off_t hole = lseek(e->fd, (off_t)offset, SEEK_HOLE);
+    if (hole < 0)
+        return errno != ENXIO;
+    return (uint64_t)hole >= offset + length;
+}
+
 int nbdu_lane_feed(struct nbdu_lane_conn *c, const unsigned char *data, size_t pos, size_t end,
                    uint64_t other_bytes, unsigned other_requests, size_t *pos_out)
 {
@@ -466,7 +482,8 @@ int nbdu_lane_feed(struct nbdu_lane_conn *c, const unsigned char *data, size_t p
         uint32_t length = be32(h + 24);
         if (length == 0 || length > c->max_block || offset > c->size ||
             length > c->size - offset || ((offset | length) & c->align_mask) ||
-            offset + length > e->limit || (c->structured_max && length >= c->structured_max))
+            offset + length > e->limit ||
+            (c->hole_check_from && length >= c->hole_check_from && !all_data(e, offset, length)))
             break;
         uint64_t bytes = c->t.bytes + other_bytes;
         if (c->t.requests + other_requests >= c->max_requests ||
@@ -516,7 +533,7 @@ static void queue_reply(struct nbdu_lane *lane, struct lane_slot *s)
 {
     struct nbdu_lane_conn *c = s->conn;
     unsigned char *h = s->hdr;
-    if (c->structured_max) {
+    if (c->hole_check_from) { /* structured replies */
         put32(h, NBD_STRUCTURED_REPLY_MAGIC);
         put16(h + 4, NBD_REPLY_FLAG_DONE);
         put16(h + 6, NBD_REPLY_TYPE_OFFSET_DATA);

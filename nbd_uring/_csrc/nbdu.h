@@ -76,7 +76,7 @@ int nbdu_lane_export_wait(struct nbdu_lane_export *e, uint64_t start, uint64_t e
 
 struct nbdu_lane_conn *nbdu_lane_conn_new(struct nbdu_lane *lane, struct nbdu_lane_export *e,
                                           uint64_t token, uint64_t size, uint32_t max_block,
-                                          uint32_t align_mask, uint32_t structured_max,
+                                          uint32_t align_mask, uint32_t hole_check_from,
                                           uint64_t max_bytes, uint32_t max_requests);
 void nbdu_lane_conn_close(struct nbdu_lane_conn *c);
 struct nbdu_lane_tally *nbdu_lane_conn_tally(struct nbdu_lane_conn *c);

@@ -13,7 +13,7 @@ write admitted while lane reads are in flight waits for those it overlaps
 budget until its reply is sent.
 
 The lane knows the request and reply formats it handles (compact headers: a simple reply, or
-one OFFSET_DATA chunk); everything else stays with the server.
+one OFFSET_DATA chunk for a range without holes); everything else stays with the server.
 """
 
 from __future__ import annotations
@@ -171,13 +171,14 @@ class LaneExport:
         size: int,
         max_block: int,
         min_block: int,
-        structured_max: int,
+        hole_check_from: int,
         max_bytes: int,
         max_requests: int,
     ) -> LaneConnection:
-        """A connection in transmission on this export. ``structured_max``: 0 for simple
-        replies, else reads shorter than it are answered with one OFFSET_DATA chunk (longer
-        ones are left to Python)."""
+        """A connection in transmission on this export. ``hole_check_from``: 0 for simple
+        replies; else replies are one OFFSET_DATA chunk, and a read this long or longer is
+        taken only if the file has no hole in its range (one ``lseek``), as Python would send
+        OFFSET_HOLE chunks for holes."""
         lane = self._lane
         token = lane._token()
         handle = lib.nbdu_lane_conn_new(
@@ -187,7 +188,7 @@ class LaneExport:
             size,
             max_block,
             min_block - 1,
-            structured_max,
+            hole_check_from,
             max_bytes,
             max_requests,
         )

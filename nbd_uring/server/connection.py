@@ -390,7 +390,7 @@ class Connection:
             size=info.size,
             max_block=info.max_block,
             min_block=info.min_block,
-            structured_max=READ_HOLE_MIN if self._chunks is not None else 0,
+            hole_check_from=READ_HOLE_MIN if self._chunks is not None else 0,
             max_bytes=config.max_bytes_in_flight,
             max_requests=config.max_in_flight,
         )

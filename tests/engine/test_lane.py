@@ -87,7 +87,7 @@ def connect(
         size=size,
         max_block=32 << 20,
         min_block=1,
-        structured_max=64 * 1024 if structured else 0,
+        hole_check_from=64 * 1024 if structured else 0,
         max_bytes=max_bytes,
         max_requests=max_requests,
     )
@@ -178,7 +178,6 @@ def test_structured_replies_are_one_offset_data_chunk(
         (4, READ, 1, 0, 4096),  # a flag (DF)
         (0, READ, 1, 0, 0),  # zero length
         (0, READ, 1, SIZE - 4096, 8192),  # past the end
-        (0, READ, 1, 0, 64 * 1024),  # structured, long enough for holes to matter
         (0, 9, 1, 0, 4096),  # an unknown command
     ],
 )
@@ -397,3 +396,27 @@ def test_serve_returns_when_a_read_fails(ring: Ring, tmp_path: Path) -> None:
         os.close(fd)
         a.close()
         b.close()
+
+
+def test_structured_reads_over_holes_are_left_to_python(
+    ring: Ring, export: Export, content: bytes, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    """From 64 KiB on, a structured read is the lane's only over data (one OFFSET_DATA
+    chunk); over a hole Python sends OFFSET_HOLE chunks."""
+    trimmed: list[int] = []
+    export.trim(1 << 20, 1 << 20, trimmed.append)
+    drain(ring)
+    assert trimmed == [0]
+    conn, buf = connect(export.lane, Client(), structured=True)
+    end = put(buf, [(0, READ, 1, 0, 1 << 20), (0, READ, 2, (1 << 20) - 4096, 65536)])
+    assert conn.feed(0, end, 0, 0) == REQUEST.size  # the first, all data; not the second
+    data = send_all(ring, conn, pair)
+    magic, flags, type_, cookie, length, offset = struct.unpack_from(">IHHQIQ", data)
+    assert (magic, flags, type_, cookie, length, offset) == (
+        STRUCTURED_MAGIC, 1, 1, 1, 8 + (1 << 20), 0
+    )
+    assert data[28:] == content[: 1 << 20]
+    small = put(buf, [(0, READ, 3, 1 << 20, 4096)])  # shorter than 64 KiB: no check needed
+    assert conn.feed(0, small, 0, 0) == small
+    send_all(ring, conn, pair)
+    conn.close()
