@@ -1,19 +1,18 @@
 #define _GNU_SOURCE /* SEEK_HOLE */
 /*
- * The read lane: plain NBD_CMD_READs handled in C from the request header to the reply.
+ * The lane: plain NBD_CMD_READs and WRITEs handled in C from the request header to the reply.
  *
- * A READ with compact headers, no flags, in bounds and aligned, on an export with strict
- * ordering and no write in flight (and, with structured replies, of 64 KiB or more only over
- * a range without holes), is parsed, given a buffer, prepared as an SQE, completed and
- * turned into a reply (simple, or one OFFSET_DATA chunk) here, and sent with the connection's
- * other lane replies in one sendmsg. Python sees such a request only if it fails (to log it
- * and answer with an error reply) and calls in once per receive, per reap and per send.
+ * A READ or WRITE with compact headers, no flags, in bounds and aligned (a WRITE with its
+ * whole payload already received; a structured READ of 64 KiB or more only over a range
+ * without holes) is parsed, given a buffer, prepared as an SQE, completed and turned into a
+ * reply (simple, or one OFFSET_DATA chunk) here, and sent with the connection's other lane
+ * replies in one sendmsg. Python sees such a request only if it fails (to log it and answer
+ * with an error reply) and calls in once per receive, per reap and per send.
  *
- * Ordering: reads never conflict with reads, so a lane read needs only to know that no write,
- * trim or zeroing is admitted on its export (Python keeps `st.exclusive` up to date, and the
- * lane declines every read while it is set). A write admitted while lane reads are
- * in flight asks which of them overlap it and waits for those (a "waiter", announced to Python
- * by an event when the last of them completes).
+ * Ordering is the tracker's rule (a later request never overtakes an earlier one it
+ * conflicts with): see nbdu_lane_feed for what the lane takes, and nbdu_lane_export_wait for
+ * how Python's requests wait for the lane's. A FLUSH waits for the lane writes received
+ * before it (nbdu_lane_export_flush_wait).
  *
  * Memory: buffers come from per-size-class free lists with a cap on what is kept idle;
  * every byte in flight is counted against the connection's budget, which Python also checks.
@@ -41,6 +40,7 @@
 #define NBD_SIMPLE_REPLY_MAGIC 0x67446698U
 #define NBD_STRUCTURED_REPLY_MAGIC 0x668e33efU
 #define NBD_CMD_READ 0
+#define NBD_CMD_WRITE 1
 #define NBD_REPLY_FLAG_DONE 1
 #define NBD_REPLY_TYPE_OFFSET_DATA 1
 
@@ -51,27 +51,36 @@ struct lane_slot {
     struct nbdu_lane_export *exp;
     uint64_t cookie;
     uint64_t offset;
+    uint64_t seq;     /* writes: the export's write sequence number */
     uint32_t length;
     uint32_t done;
+    uint32_t datalen; /* payload bytes of the reply: the length for a read, 0 for a write */
     unsigned cls;
     unsigned hdrlen;
+    int write;
     unsigned char *buf;
     unsigned char hdr[32];
 };
 
+enum { WAIT_EXCLUSIVE, WAIT_SHARED, WAIT_FLUSH };
+
 struct lane_waiter {
-    uint64_t start, end, token;
+    uint64_t start, end, token; /* WAIT_FLUSH: start is the last write sequence number */
     unsigned count;
+    int kind; /* EXCLUSIVE: every overlapping lane op; SHARED: overlapping writes only */
 };
 
 struct nbdu_lane_export {
     struct nbdu_lane *lane;
     int fd;
     int closed;
-    uint64_t limit; /* reads must end at or before this (the size, or a direct-I/O tail) */
-    struct nbdu_lane_export_state st; /* shared with Python: reads in flight, writes admitted */
+    int writable;   /* the lane may take writes (Python decides: durability, read-only...) */
+    uint64_t limit; /* I/O must end at or before this (the size, or a direct-I/O tail) */
+    struct nbdu_lane_export_state st; /* shared with Python */
     unsigned refs;
-    struct lane_slot *reads; /* in flight, doubly linked */
+    unsigned writes;    /* lane writes in flight */
+    uint64_t write_seq;
+    struct lane_slot *ops; /* lane reads and writes in flight, doubly linked */
     struct lane_waiter *waiters;
     unsigned nwaiters, capwaiters;
 };
@@ -295,7 +304,8 @@ static void slot_retire(struct nbdu_lane *lane, struct lane_slot *s)
 
 /* -- exports ---------------------------------------------------------------------------- */
 
-struct nbdu_lane_export *nbdu_lane_export_new(struct nbdu_lane *lane, int fd, uint64_t limit)
+struct nbdu_lane_export *nbdu_lane_export_new(struct nbdu_lane *lane, int fd, uint64_t limit,
+                                              int writable)
 {
     struct nbdu_lane_export *e = calloc(1, sizeof(*e));
     if (e == NULL)
@@ -303,6 +313,7 @@ struct nbdu_lane_export *nbdu_lane_export_new(struct nbdu_lane *lane, int fd, ui
     e->lane = lane;
     e->fd = fd;
     e->limit = limit;
+    e->writable = writable;
     e->refs = 1;
     return e;
 }
@@ -321,45 +332,78 @@ static void export_unref(struct nbdu_lane_export *e)
     }
 }
 
-int nbdu_lane_export_wait(struct nbdu_lane_export *e, uint64_t start, uint64_t end,
-                          uint64_t token)
+static int overlaps(struct nbdu_lane_export *e, uint64_t start, uint64_t end, int writes_only)
 {
-    /* How many lane reads in flight overlap [start, end); if any, an event with `token`
-     * comes once the last of them has completed. No new lane read can start meanwhile:
-     * the caller has already set st.exclusive. */
+    for (struct lane_slot *s = e->ops; s != NULL; s = s->next)
+        if ((s->write || !writes_only) && s->offset < end && start < s->offset + s->length)
+            return 1;
+    return 0;
+}
+
+static int add_waiter(struct nbdu_lane_export *e, struct lane_waiter w)
+{
+    if (e->nwaiters == e->capwaiters) {
+        unsigned cap = e->capwaiters ? e->capwaiters * 2 : 8;
+        struct lane_waiter *ws = realloc(e->waiters, cap * sizeof(*ws));
+        if (ws == NULL)
+            return -ENOMEM;
+        e->waiters = ws;
+        e->capwaiters = cap;
+    }
+    e->waiters[e->nwaiters++] = w;
+    return (int)w.count;
+}
+
+int nbdu_lane_export_wait(struct nbdu_lane_export *e, uint64_t start, uint64_t end,
+                          int exclusive, uint64_t token)
+{
+    /* A request Python admits for [start, end) must wait for the lane ops in flight that
+     * conflict with it (every overlapping one if it writes, overlapping writes if it reads):
+     * returns how many; if any, an event with `token` comes once the last has completed.
+     * The lane takes nothing that would conflict with it meanwhile: Python has already set
+     * st.python_active (no lane write) and, if it writes, st.exclusive (no lane read). */
     unsigned count = 0;
-    for (struct lane_slot *s = e->reads; s != NULL; s = s->next)
-        if (s->offset < end && start < s->offset + s->length)
+    for (struct lane_slot *s = e->ops; s != NULL; s = s->next)
+        if ((exclusive || s->write) && s->offset < end && start < s->offset + s->length)
             count++;
     if (count == 0)
         return 0;
-    if (e->nwaiters == e->capwaiters) {
-        unsigned cap = e->capwaiters ? e->capwaiters * 2 : 8;
-        struct lane_waiter *w = realloc(e->waiters, cap * sizeof(*w));
-        if (w == NULL)
-            return -ENOMEM;
-        e->waiters = w;
-        e->capwaiters = cap;
-    }
-    e->waiters[e->nwaiters++] = (struct lane_waiter){start, end, token, count};
-    return (int)count;
+    return add_waiter(e, (struct lane_waiter){start, end, token, count,
+                                              exclusive ? WAIT_EXCLUSIVE : WAIT_SHARED});
 }
 
-static void export_read_done(struct nbdu_lane *lane, struct lane_slot *s)
+int nbdu_lane_export_flush_wait(struct nbdu_lane_export *e, uint64_t token)
+{
+    /* A FLUSH waits for the lane writes received before it: returns how many are in flight;
+     * if any, an event with `token` comes once they have completed (later ones not waited). */
+    if (e->writes == 0)
+        return 0;
+    return add_waiter(e, (struct lane_waiter){e->write_seq, 0, token, e->writes, WAIT_FLUSH});
+}
+
+static void export_op_done(struct nbdu_lane *lane, struct lane_slot *s)
 {
     struct nbdu_lane_export *e = s->exp;
     if (s->prev != NULL)
         s->prev->next = s->next;
     else
-        e->reads = s->next;
+        e->ops = s->next;
     if (s->next != NULL)
         s->next->prev = s->prev;
     s->next = s->prev = NULL;
     e->st.inflight--;
+    if (s->write)
+        e->writes--;
     uint64_t end = s->offset + s->length;
     for (unsigned i = 0; i < e->nwaiters;) {
         struct lane_waiter *w = &e->waiters[i];
-        if (w->start < end && s->offset < w->end && --w->count == 0) {
+        int counts;
+        if (w->kind == WAIT_FLUSH)
+            counts = s->write && s->seq <= w->start;
+        else
+            counts = (w->kind == WAIT_EXCLUSIVE || s->write) && w->start < end &&
+                     s->offset < w->end;
+        if (counts && --w->count == 0) {
             struct nbdu_lane_event ev = {.kind = NBDU_LANE_READY, .token = w->token};
             push_event(lane, &ev); /* on ENOMEM the stall check is all that is left */
             e->waiters[i] = e->waiters[--e->nwaiters];
@@ -443,8 +487,12 @@ static int prep_slot(struct nbdu_lane *lane, struct lane_slot *s)
         if (sqe == NULL)
             return -EBUSY;
     }
-    io_uring_prep_read(sqe, s->exp->fd, s->buf + s->done, s->length - s->done,
-                       s->offset + s->done);
+    if (s->write)
+        io_uring_prep_write(sqe, s->exp->fd, s->buf + s->done, s->length - s->done,
+                            s->offset + s->done);
+    else
+        io_uring_prep_read(sqe, s->exp->fd, s->buf + s->done, s->length - s->done,
+                           s->offset + s->done);
     io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)s | LANE_BIT);
     lane->inflight++;
     (*lane->sqes_in_flight)++;
@@ -467,24 +515,46 @@ static int all_data(struct nbdu_lane_export *e, uint64_t offset, uint32_t length
 int nbdu_lane_feed(struct nbdu_lane_conn *c, const unsigned char *data, size_t pos, size_t end,
                    uint64_t other_bytes, unsigned other_requests, size_t *pos_out)
 {
-    /* Take the plain READs at data[pos:end], stopping at the first request the lane does not
-     * handle (Python's), at an incomplete header, or when the budget or the ring is full.
-     * Returns how many were taken; *pos_out is where the first one not taken starts. */
+    /* Take the plain READs and WRITEs at data[pos:end] (a WRITE with its whole payload
+     * there), stopping at the first request the lane does not take (Python's), at an
+     * incomplete one, or when the budget or the ring is full. Returns how many were taken;
+     * *pos_out is where the first one not taken starts.
+     *
+     * Ordering, as the tracker keeps it for Python's requests: a read conflicts with
+     * writes, a write with everything, overlapping and earlier. A read is taken only while
+     * Python has no write admitted (st.exclusive) and no lane write in flight overlaps it; a
+     * write only while Python has nothing admitted (st.python_active) and no lane op in
+     * flight overlaps it. Anything else goes to Python, whose tracker then makes it wait
+     * for the lane ops it conflicts with (nbdu_lane_export_wait). */
     struct nbdu_lane *lane = c->lane;
     struct nbdu_lane_export *e = c->exp;
     int taken = 0;
-    while (end - pos >= 28 && !c->closed && !e->closed && !e->st.exclusive) {
+    while (end - pos >= 28 && !c->closed && !e->closed) {
         const unsigned char *h = data + pos;
-        if (be32(h) != NBD_REQUEST_MAGIC || be16(h + 4) != 0 || be16(h + 6) != NBD_CMD_READ)
+        if (be32(h) != NBD_REQUEST_MAGIC || be16(h + 4) != 0)
+            break;
+        unsigned command = be16(h + 6);
+        if (command != NBD_CMD_READ && command != NBD_CMD_WRITE)
             break;
         uint64_t cookie = be64(h + 8);
         uint64_t offset = be64(h + 16);
         uint32_t length = be32(h + 24);
         if (length == 0 || length > c->max_block || offset > c->size ||
             length > c->size - offset || ((offset | length) & c->align_mask) ||
-            offset + length > e->limit ||
-            (c->hole_check_from && length >= c->hole_check_from && !all_data(e, offset, length)))
+            offset + length > e->limit)
             break;
+        int write = command == NBD_CMD_WRITE;
+        size_t need = 28;
+        if (write) {
+            need += length;
+            if (!e->writable || e->st.python_active || end - pos < need ||
+                (e->st.inflight && overlaps(e, offset, offset + length, 0)))
+                break;
+        } else if (e->st.exclusive || (e->writes && overlaps(e, offset, offset + length, 1)) ||
+                   (c->hole_check_from && length >= c->hole_check_from &&
+                    !all_data(e, offset, length))) {
+            break;
+        }
         uint64_t bytes = c->t.bytes + other_bytes;
         if (c->t.requests + other_requests >= c->max_requests ||
             (bytes > 0 && bytes + length > c->max_bytes))
@@ -500,11 +570,15 @@ int nbdu_lane_feed(struct nbdu_lane_conn *c, const unsigned char *data, size_t p
             lane->free_slots = s;
             break;
         }
+        if (write)
+            memcpy(s->buf, h + 28, length);
         s->conn = c;
         s->exp = e;
         s->cookie = cookie;
         s->offset = offset;
         s->length = length;
+        s->datalen = write ? 0 : length;
+        s->write = write;
         s->done = 0;
         s->prev = NULL;
         if (prep_slot(lane, s) < 0) {
@@ -513,16 +587,20 @@ int nbdu_lane_feed(struct nbdu_lane_conn *c, const unsigned char *data, size_t p
             lane->free_slots = s;
             break;
         }
-        s->next = e->reads;
-        if (e->reads != NULL)
-            e->reads->prev = s;
-        e->reads = s;
+        if (write) {
+            s->seq = ++e->write_seq;
+            e->writes++;
+        }
+        s->next = e->ops;
+        if (e->ops != NULL)
+            e->ops->prev = s;
+        e->ops = s;
         e->st.inflight++;
         e->refs++;
         c->refs++;
         c->t.bytes += length;
         c->t.requests++;
-        pos += 28;
+        pos += need;
         taken++;
     }
     *pos_out = pos;
@@ -533,7 +611,16 @@ static void queue_reply(struct nbdu_lane *lane, struct lane_slot *s)
 {
     struct nbdu_lane_conn *c = s->conn;
     unsigned char *h = s->hdr;
-    if (c->hole_check_from) { /* structured replies */
+    if (s->write) {
+        /* Written: the payload buffer can go now. A simple reply, which structured replies
+         * allow for a success without payload. */
+        buf_put(lane, s->buf, s->cls);
+        s->buf = NULL;
+        put32(h, NBD_SIMPLE_REPLY_MAGIC);
+        put32(h + 4, 0);
+        put64(h + 8, s->cookie);
+        s->hdrlen = 16;
+    } else if (c->hole_check_from) { /* structured replies */
         put32(h, NBD_STRUCTURED_REPLY_MAGIC);
         put16(h + 4, NBD_REPLY_FLAG_DONE);
         put16(h + 6, NBD_REPLY_TYPE_OFFSET_DATA);
@@ -570,12 +657,12 @@ void nbdu_lane_complete(struct nbdu_lane *lane, uint64_t user_data, int32_t res)
     lane->inflight--;
     (*lane->sqes_in_flight)--;
     if (res > 0 && s->done + (uint32_t)res < s->length) {
-        s->done += (uint32_t)res; /* short read: read the rest */
+        s->done += (uint32_t)res; /* short read or write: the rest */
         if (prep_slot(lane, s) == 0)
             return;
         res = -EIO;
     }
-    export_read_done(lane, s);
+    export_op_done(lane, s);
     struct nbdu_lane_conn *c = s->conn;
     if (res == 0)
         res = -EIO; /* end of file inside the export: nothing more would come */
@@ -584,6 +671,7 @@ void nbdu_lane_complete(struct nbdu_lane *lane, uint64_t user_data, int32_t res)
             struct nbdu_lane_event ev = {
                 .kind = NBDU_LANE_FAILED, .token = c->token, .cookie = s->cookie,
                 .offset = s->offset, .length = s->length, .err = -res,
+                .command = s->write ? NBD_CMD_WRITE : NBD_CMD_READ,
             };
             if (push_event(lane, &ev) == 0)
                 lane->failures++;
@@ -607,12 +695,14 @@ int nbdu_lane_send(struct nbdu_lane_conn *c, int fd)
                 iov[n].iov_base = s->hdr + skip;
                 iov[n].iov_len = s->hdrlen - skip;
                 n++;
-                iov[n].iov_base = s->buf;
-                iov[n].iov_len = s->length;
-                n++;
+                if (s->datalen) {
+                    iov[n].iov_base = s->buf;
+                    iov[n].iov_len = s->datalen;
+                    n++;
+                }
             } else {
                 iov[n].iov_base = s->buf + (skip - s->hdrlen);
-                iov[n].iov_len = s->length - (skip - s->hdrlen);
+                iov[n].iov_len = s->datalen - (skip - s->hdrlen);
                 n++;
             }
             skip = 0;
@@ -631,7 +721,7 @@ int nbdu_lane_send(struct nbdu_lane_conn *c, int fd)
         c->t.partial = 0;
         while (c->queue != NULL) {
             struct lane_slot *s = c->queue;
-            size_t whole = s->hdrlen + s->length;
+            size_t whole = s->hdrlen + s->datalen;
             if (left < whole) {
                 c->sent = left;
                 c->t.partial = left != 0;

@@ -47,8 +47,9 @@ struct nbdu_lane_tally {
     uint32_t partial;  /* a reply is partly sent */
 };
 struct nbdu_lane_export_state {
-    uint32_t inflight;  /* lane reads in flight */
-    uint32_t exclusive; /* set by Python while a write, trim or zeroing is admitted */
+    uint32_t inflight;      /* lane reads and writes in flight */
+    uint32_t exclusive;     /* set by Python while a write, trim or zeroing is admitted */
+    uint32_t python_active; /* requests Python's tracker has admitted (no lane write then) */
 };
 struct nbdu_lane_event {
     unsigned kind;
@@ -57,6 +58,7 @@ struct nbdu_lane_event {
     uint64_t offset;
     uint32_t length;
     int32_t err;
+    uint32_t command;
     struct nbdu_lane_conn *conn;
 };
 
@@ -68,11 +70,13 @@ unsigned nbdu_lane_take_prepared(struct nbdu_lane *lane);
 unsigned nbdu_lane_events(struct nbdu_lane *lane, struct nbdu_lane_event *out, unsigned max);
 unsigned nbdu_lane_pending_events(struct nbdu_lane *lane);
 
-struct nbdu_lane_export *nbdu_lane_export_new(struct nbdu_lane *lane, int fd, uint64_t limit);
+struct nbdu_lane_export *nbdu_lane_export_new(struct nbdu_lane *lane, int fd, uint64_t limit,
+                                              int writable);
 void nbdu_lane_export_close(struct nbdu_lane_export *e);
 struct nbdu_lane_export_state *nbdu_lane_export_state(struct nbdu_lane_export *e);
 int nbdu_lane_export_wait(struct nbdu_lane_export *e, uint64_t start, uint64_t end,
-                          uint64_t token);
+                          int exclusive, uint64_t token);
+int nbdu_lane_export_flush_wait(struct nbdu_lane_export *e, uint64_t token);
 
 struct nbdu_lane_conn *nbdu_lane_conn_new(struct nbdu_lane *lane, struct nbdu_lane_export *e,
                                           uint64_t token, uint64_t size, uint32_t max_block,

@@ -96,7 +96,7 @@ class Export:
         self.fd = os.open(path, flags | (os.O_DIRECT if direct else 0), 0o644)
         self._tail_fd = -1
         self.lane: LaneExport | None = None
-        """This file in the ring's read lane (plain exports, when the ring has one)."""
+        """This file in the ring's lane (plain exports, when the ring has one)."""
         try:
             st = os.fstat(self.fd)
             self.is_block_device = stat.S_ISBLK(st.st_mode)
@@ -126,7 +126,11 @@ class Export:
         self._plain = ordering is Ordering.STRICT and faults is None
         """Reads and writes may take the fast path: strict ordering, no fault injection."""
         if self._plain and ring.lane is not None:
-            self.lane = ring.lane.export(self.fd, self._tail_start)
+            self.lane = ring.lane.export(
+                self.fd,
+                self._tail_start,
+                writable=not read_only and durability is Durability.FLUSH and not inline_writes,
+            )
         self._tracker = OverlapTracker(self.lane)
         self._epochs = FlushEpochs()
         self._sync_waiters: list[Completion] | None = None
@@ -245,6 +249,19 @@ class Export:
                 err = errno.EIO
             done(err)
 
+        if self.lane is not None:
+            # Also the lane's writes received before this FLUSH: both, then ready.
+            waiting = [2]
+
+            def one() -> None:
+                waiting[0] -= 1
+                if not waiting[0]:
+                    ready()
+
+            if not self.lane.flush_wait(one):
+                waiting[0] = 1
+            self._epochs.flush(one)
+            return
         self._epochs.flush(ready)
 
     def trim(self, offset: int, length: int, done: Completion, *, fua: bool = False) -> None:

@@ -46,8 +46,9 @@ class LaneClient(Protocol):
     def lane_replies(self) -> None:
         """Replies are queued: call :meth:`LaneConnection.send` soon."""
 
-    def lane_failed(self, cookie: int, offset: int, length: int, err: int) -> None:
-        """A lane read failed with ``err``; the connection answers it (no budget is held)."""
+    def lane_failed(self, command: int, cookie: int, offset: int, length: int, err: int) -> None:
+        """A lane read or write (``command``, NBD's number) failed with ``err``; the
+        connection answers it (the lane holds no budget for it any more)."""
 
 
 class Lane:
@@ -77,9 +78,10 @@ class Lane:
     def has_events(self) -> bool:
         return bool(lib.nbdu_lane_pending_events(self._lane))
 
-    def export(self, fd: int, limit: int) -> LaneExport:
-        """Register an open file; lane reads must end at or before ``limit``."""
-        handle = lib.nbdu_lane_export_new(self._lane, fd, limit)
+    def export(self, fd: int, limit: int, *, writable: bool) -> LaneExport:
+        """Register an open file; lane I/O must end at or before ``limit``, and takes writes
+        only if ``writable``."""
+        handle = lib.nbdu_lane_export_new(self._lane, fd, limit, 1 if writable else 0)
         if handle == ffi.NULL:
             raise MemoryError("read lane export")
         self._live += 1
@@ -106,7 +108,9 @@ class Lane:
                     elif kind == _FAILED:
                         client = self._clients.get(ev.token)
                         if client is not None:
-                            client.lane_failed(ev.cookie, ev.offset, ev.length, ev.err)
+                            client.lane_failed(
+                                ev.command, ev.cookie, ev.offset, ev.length, ev.err
+                            )
                     else:
                         self._waiters.pop(ev.token)()
                 except Exception:
@@ -144,19 +148,33 @@ class LaneExport:
         self._handle: Any = handle
         self.fd = fd
         self.state: Any = lib.nbdu_lane_export_state(handle)
-        """Shared with C, read and written without a call: ``inflight``, the lane's reads in
-        flight, and ``exclusive``, set while a write, trim or zeroing is admitted (the lane
-        then takes no read of this export)."""
+        """Shared with C, read and written without a call: ``inflight``, the lane's reads and
+        writes in flight; ``exclusive``, set while Python has a write, trim or zeroing admitted
+        (the lane then takes no read of this export); ``python_active``, how many requests
+        Python has admitted (the lane takes writes only while there are none)."""
 
     @property
     def in_flight(self) -> int:
         return 0 if self._handle is None else int(self.state.inflight)
 
-    def wait(self, start: int, end: int, ready: Callable[[], None]) -> bool:
-        """If lane reads in flight overlap ``[start, end)``: True, and ``ready`` is called once
-        the last of them has completed. Call only with ``state.exclusive`` set."""
+    def wait(self, start: int, end: int, exclusive: bool, ready: Callable[[], None]) -> bool:
+        """If lane ops in flight conflict with a request for ``[start, end)`` (overlapping
+        ones; only writes unless ``exclusive``): True, and ``ready`` is called once the last
+        of them has completed. Call with ``state`` already telling the lane about it."""
         token = self._lane._token()
-        rc = lib.nbdu_lane_export_wait(self._handle, start, end, token)
+        rc = lib.nbdu_lane_export_wait(self._handle, start, end, 1 if exclusive else 0, token)
+        if rc < 0:
+            raise MemoryError("read lane waiter")
+        if rc == 0:
+            return False
+        self._lane._waiters[token] = ready
+        return True
+
+    def flush_wait(self, ready: Callable[[], None]) -> bool:
+        """If lane writes are in flight: True, and ``ready`` is called once those have
+        completed (not the ones that come later)."""
+        token = self._lane._token()
+        rc = lib.nbdu_lane_export_flush_wait(self._handle, token)
         if rc < 0:
             raise MemoryError("read lane waiter")
         if rc == 0:

@@ -66,8 +66,9 @@ class OverlapTracker:
         self._large: list[Admission] = []
         self.active = 0
         self.lane = lane
-        """The export's read lane, whose reads are not admitted here: it is told while any
-        exclusive request is admitted, and such a request waits for its overlapping reads."""
+        """The export's lane, whose reads and writes are not admitted here: it is told what
+        is admitted (and takes nothing that would conflict), and a request admitted here
+        waits for the lane's conflicting ones in flight."""
         self.exclusive_active = 0
 
     def admit(
@@ -76,14 +77,19 @@ class OverlapTracker:
         """Admit a request for ``[start, start+length)``, behind every conflicting one."""
         end = start + (length if length > 0 else 1)
         entry = Admission(start, end, exclusive, run)
-        if exclusive:
-            self.exclusive_active += 1
-            lane = self.lane
-            if lane is not None:
-                state = lane.state
+        lane = self.lane
+        if lane is not None:
+            # Tell the lane first (it takes nothing conflicting from here on), then wait for
+            # what it has in flight that conflicts.
+            state = lane.state
+            state.python_active = self.active + 1
+            if exclusive:
+                self.exclusive_active += 1
                 state.exclusive = 1
-                if state.inflight and lane.wait(start, end, lambda: _lane_done(entry)):
-                    entry.blockers += 1
+            if state.inflight and lane.wait(start, end, exclusive, lambda: _lane_done(entry)):
+                entry.blockers += 1
+        elif exclusive:
+            self.exclusive_active += 1
         first, last = start >> GRANULE_SHIFT, (end - 1) >> GRANULE_SHIFT
         if first == last:
             # The common case: one granule, whose list holds each entry once (no dedup needed).
@@ -139,8 +145,12 @@ class OverlapTracker:
         self.active -= 1
         if entry.exclusive:
             self.exclusive_active -= 1
-            if self.exclusive_active == 0 and self.lane is not None:
-                self.lane.state.exclusive = 0
+        lane = self.lane
+        if lane is not None:
+            state = lane.state
+            state.python_active = self.active
+            if not self.exclusive_active:
+                state.exclusive = 0
         for dependent in entry.dependents:
             dependent.blockers -= 1
             if dependent.blockers == 0:

@@ -399,9 +399,9 @@ class Connection:
         if not self._quiet:
             self._have_replies.set()
 
-    def lane_failed(self, cookie: int, offset: int, length: int, err: int) -> None:
+    def lane_failed(self, command: int, cookie: int, offset: int, length: int, err: int) -> None:
         self._budget.take(0)
-        self._reply(cookie, err, None, 0, request=Request(cookie, _READ, 0, offset, length))
+        self._reply(cookie, err, None, 0, request=Request(cookie, command, 0, offset, length))
 
     def begin_drain(self, reason: str) -> None:
         """Server shutdown, or this connection's export removed by a reload."""
@@ -456,8 +456,8 @@ class Connection:
         self._quiet = True
         while True:
             while end - pos >= hsize:
-                if lane is not None and not buf[pos + 7] and not self.draining:
-                    # A READ (the command's low byte is 0): maybe the lane's.
+                if lane is not None and buf[pos + 7] < 2 and not self.draining:
+                    # A READ or WRITE (by the command's low byte): maybe the lane's.
                     pos = lane.feed(pos, end, budget.bytes, budget.requests)
                     if end - pos < hsize:
                         break

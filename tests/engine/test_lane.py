@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from nbd_uring.engine.buffers import BufferPool
+from nbd_uring.engine.durability import Durability
 from nbd_uring.engine.export import Export
 from nbd_uring.engine.lane import SERVE_EOF, SERVE_IDLE, SERVE_PYTHON, LaneConnection, LaneExport
 from nbd_uring.engine.ring import Ring
@@ -34,12 +35,14 @@ class Client:
     def __init__(self) -> None:
         self.notified = 0
         self.failed: list[tuple[int, int, int, int]] = []
+        self.commands: list[int] = []
 
     def lane_replies(self) -> None:
         self.notified += 1
 
-    def lane_failed(self, cookie: int, offset: int, length: int, err: int) -> None:
+    def lane_failed(self, command: int, cookie: int, offset: int, length: int, err: int) -> None:
         self.failed.append((cookie, offset, length, err))
+        self.commands.append(command)
 
 
 @pytest.fixture
@@ -174,7 +177,8 @@ def test_structured_replies_are_one_offset_data_chunk(
 @pytest.mark.parametrize(
     "request_",
     [
-        (0, WRITE, 1, 0, 4096),  # not a read
+        (0, WRITE, 1, 0, 4096),  # a write without its payload
+        (1, WRITE, 1, 0, 0),  # a write with FUA (and no payload: length 0)
         (4, READ, 1, 0, 4096),  # a flag (DF)
         (0, READ, 1, 0, 0),  # zero length
         (0, READ, 1, SIZE - 4096, 8192),  # past the end
@@ -259,7 +263,7 @@ def test_a_failed_read_goes_to_the_connection(
     path.write_bytes(b"x" * SIZE)
     fd = os.open(path, os.O_WRONLY)  # reads fail with EBADF
     assert ring.lane is not None
-    exp = ring.lane.export(fd, SIZE)
+    exp = ring.lane.export(fd, SIZE, writable=True)
     try:
         client = Client()
         conn, buf = connect(exp, client)
@@ -380,7 +384,7 @@ def test_serve_returns_when_a_read_fails(ring: Ring, tmp_path: Path) -> None:
     path.write_bytes(b"x" * SIZE)
     fd = os.open(path, os.O_WRONLY)
     assert ring.lane is not None
-    exp = ring.lane.export(fd, SIZE)
+    exp = ring.lane.export(fd, SIZE, writable=True)
     a, b = socket.socketpair()
     try:
         client = Client()
@@ -420,3 +424,143 @@ def test_structured_reads_over_holes_are_left_to_python(
     assert conn.feed(0, small, 0, 0) == small
     send_all(ring, conn, pair)
     conn.close()
+
+
+def put_write(buf: mmap.mmap, pos: int, cookie: int, offset: int, payload: bytes) -> int:
+    REQUEST.pack_into(buf, pos, REQUEST_MAGIC, 0, WRITE, cookie, offset, len(payload))
+    buf[pos + REQUEST.size : pos + REQUEST.size + len(payload)] = payload
+    return pos + REQUEST.size + len(payload)
+
+
+def test_plain_writes_are_answered_whole_in_the_lane(
+    ring: Ring, export: Export, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    client = Client()
+    conn, buf = connect(export.lane, client, structured=True)
+    pos = put_write(buf, 0, 1, 8192, b"a" * 4096)
+    end = put_write(buf, pos, 2, 65536, b"b" * 16384)
+    assert conn.feed(0, end, 0, 0) == end
+    assert (conn.requests, conn.bytes) == (2, 4096 + 16384)
+    data = send_all(ring, conn, pair)
+    # Simple replies, which structured replies allow for a success without payload.
+    replies = {struct.unpack_from(">IIQ", data, i) for i in (0, 16)}
+    assert replies == {(SIMPLE_MAGIC, 0, 1), (SIMPLE_MAGIC, 0, 2)} and len(data) == 32
+    assert os.pread(export.fd, 4096, 8192) == b"a" * 4096
+    assert os.pread(export.fd, 16384, 65536) == b"b" * 16384
+    assert (conn.requests, conn.bytes) == (0, 0)
+    conn.close()
+
+
+def test_lane_ops_in_flight_make_conflicting_ones_python_s(
+    ring: Ring, export: Export, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    """A lane write is not taken over a lane op in flight, nor a lane read over a lane
+    write: they go to Python, whose tracker makes them wait."""
+    conn, buf = connect(export.lane, Client())
+    end = put(buf, [(0, READ, 1, 0, 8192)])
+    assert conn.feed(0, end, 0, 0) == end
+    end = put_write(buf, 0, 2, 4096, b"w" * 4096)  # overlaps the read in flight
+    assert conn.feed(0, end, 0, 0) == 0
+    end = put_write(buf, 0, 3, 1 << 20, b"x" * 4096)  # elsewhere
+    assert conn.feed(0, end, 0, 0) == end
+    end = put(buf, [(0, READ, 4, (1 << 20) + 2048, 4096)])  # overlaps the write in flight
+    assert conn.feed(0, end, 0, 0) == 0
+    end = put(buf, [(0, READ, 5, 4096, 4096)])  # overlaps only the read: fine
+    assert conn.feed(0, end, 0, 0) == end
+    send_all(ring, conn, pair)
+    conn.close()
+
+
+def test_python_requests_wait_for_the_lane_writes_they_conflict_with(
+    ring: Ring, export: Export, content: bytes, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    conn, buf = connect(export.lane, Client())
+    end = put_write(buf, 0, 1, 0, b"L" * 8192)
+    assert conn.feed(0, end, 0, 0) == end  # prepared, not submitted
+    pool = BufferPool()
+    got = pool.acquire(4096)
+    order: list[str] = []
+    export.read(4096, got.view, lambda err: order.append(f"read {err}"))
+    assert ring.in_flight == 1  # the read waits for the lane write
+    later = pool.acquire(4096)
+    later.view[:] = b"P" * 4096
+    export.write(0, later, lambda err: order.append(f"write {err}"))
+    assert ring.in_flight == 1  # so does the write
+    elsewhere = pool.acquire(4096)
+    export.read(1 << 20, elsewhere.view, lambda err: order.append(f"elsewhere {err}"))
+    assert ring.in_flight == 2  # no conflict: at once
+    send_all(ring, conn, pair)
+    assert sorted(order) == ["elsewhere 0", "read 0", "write 0"]
+    assert bytes(got.view) == b"L" * 4096  # the read saw the earlier lane write
+    assert os.pread(export.fd, 8192, 0) == b"P" * 4096 + b"L" * 4096  # and the write won
+    assert bytes(elsewhere.view) == content[1 << 20 : (1 << 20) + 4096]
+    conn.close()
+
+
+def test_no_lane_write_while_python_has_a_request_admitted(ring: Ring, export: Export) -> None:
+    conn, buf = connect(export.lane, Client())
+    lease = BufferPool().acquire(4096)
+    done: list[int] = []
+    export.read(3 << 20, lease.view, done.append)  # anywhere: Python has something admitted
+    end = put_write(buf, 0, 1, 0, b"w" * 4096)
+    assert conn.feed(0, end, 0, 0) == 0
+    drain(ring)
+    assert done == [0]
+    assert conn.feed(0, end, 0, 0) == end
+    drain(ring)
+    conn.close()
+
+
+def test_flush_waits_for_lane_writes_received_before_it(
+    ring: Ring, export: Export, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    conn, buf = connect(export.lane, Client())
+    end = put_write(buf, 0, 1, 0, b"f" * 4096)
+    assert conn.feed(0, end, 0, 0) == end  # prepared, not submitted
+    flushed: list[int] = []
+    syncs = export.syncs_issued
+    export.flush(flushed.append)
+    assert export.syncs_issued == syncs  # no fdatasync before the write is done
+    end = put_write(buf, 0, 2, 1 << 20, b"g" * 4096)  # after the FLUSH: not waited for
+    assert conn.feed(0, end, 0, 0) == end
+    run_until(ring, lambda: bool(flushed))
+    assert flushed == [0] and export.syncs_issued == syncs + 1
+    send_all(ring, conn, pair)
+    conn.close()
+
+
+def test_read_only_or_sync_exports_take_no_lane_write(ring: Ring, tmp_path: Path) -> None:
+    path = tmp_path / "d"
+    path.write_bytes(bytes(SIZE))
+    for exp in (
+        Export(ring, str(path), read_only=True),
+        Export(ring, str(path), durability=Durability.SYNC),
+    ):
+        conn, buf = connect(exp.lane, Client())
+        end = put_write(buf, 0, 1, 0, b"w" * 4096)
+        assert conn.feed(0, end, 0, 0) == 0
+        end = put(buf, [(0, READ, 2, 0, 4096)])
+        assert conn.feed(0, end, 0, 0) == end  # reads still are the lane's
+        drain(ring)
+        conn.close()
+        exp.close()
+
+
+def test_a_failed_write_goes_to_the_connection(ring: Ring, tmp_path: Path) -> None:
+    path = tmp_path / "r"
+    path.write_bytes(bytes(SIZE))
+    fd = os.open(path, os.O_RDONLY)  # writes fail with EBADF
+    assert ring.lane is not None
+    exp = ring.lane.export(fd, SIZE, writable=True)
+    try:
+        client = Client()
+        conn, buf = connect(exp, client)
+        end = put_write(buf, 0, 6, 4096, b"z" * 4096)
+        assert conn.feed(0, end, 0, 0) == end
+        run_until(ring, lambda: bool(client.failed))
+        assert client.failed == [(6, 4096, 4096, errno.EBADF)] and client.commands == [WRITE]
+        assert (conn.requests, conn.bytes) == (0, 0)
+        conn.close()
+    finally:
+        exp.close()
+        os.close(fd)
