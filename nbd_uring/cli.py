@@ -161,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         "sleeping: saves a wake-up per request at queue depth 1 (default 50, 0: never)",
     )
     serve.add_argument(
-        "--read-lane", action=argparse.BooleanOptionalAction, default=None,
-        help="answer plain READs in the C read lane, request to reply without Python "
-        "(default on; off with TLS or --metrics)",
+        "--lane", action=argparse.BooleanOptionalAction, default=None,
+        help="answer plain READs and WRITEs in C, request to reply, without Python "
+        "(default on; never with TLS or --metrics)",
     )
     serve.add_argument(
         "--max-bytes-in-flight", type=parse_size, metavar="SIZE",
@@ -413,7 +413,7 @@ def _config_from_file(args: argparse.Namespace) -> ServerConfig:
         ("max_connections", args.max_connections),
         ("idle_timeout_s", args.idle_timeout),
         ("poll_us", args.poll_us),
-        ("read_lane", args.read_lane),
+        ("lane", args.lane),
         ("metrics", args.metrics),
         ("allow", tuple(args.allow) if args.allow else None),
         ("tls", TlsMode(args.tls) if args.tls else None),
@@ -492,7 +492,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_connections=args.max_connections,
             idle_timeout_s=args.idle_timeout,
             poll_us=DEFAULT_POLL_US if args.poll_us is None else args.poll_us,
-            read_lane=True if args.read_lane is None else args.read_lane,
+            lane=True if args.lane is None else args.lane,
             allow=tuple(args.allow or ()),
             metrics=args.metrics,
             tls=TlsMode(args.tls or "off"),

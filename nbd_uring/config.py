@@ -213,10 +213,11 @@ class ServerConfig:
     """After answering a lone client with nothing left in flight, poll its socket this long
     before sleeping in epoll: at queue depth 1 the next request usually comes sooner than a
     sleep and wake-up would take."""
-    read_lane: bool = True
-    """Plain READs (compact headers, no flags) go through the C read lane, parse to reply,
-    when their export and connection allow it (strict ordering, no faults, no TLS, no
-    metrics); False keeps every request on the Python path."""
+    lane: bool = True
+    """Plain READs and WRITEs (compact headers, no flags) are handled in C (the lane,
+    ``engine/lane.py``), parse to reply, where their export and connection allow it (strict
+    ordering, no faults, no TLS, no metrics; writes only with durability ``flush``); False
+    keeps every request on the Python path."""
     allow: tuple[str, ...] = ()
     """Client networks allowed to connect at all; empty means anyone."""
     metrics: str | None = None

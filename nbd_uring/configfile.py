@@ -10,7 +10,7 @@
     idle-timeout = 600            # seconds without a request before a client is dropped
     max-connections = 1000
     poll-us = 50                  # poll a lone client's socket this long before sleeping
-    read-lane = true              # plain READs answered in C (false: all requests in Python)
+    lane = true                   # plain READs and WRITEs answered in C (false: all in Python)
     allow = ["127.0.0.0/8", "::1"]
     metrics = "127.0.0.1:9109"
     tls = "on"                    # off | on | require (FORCEDTLS: no plaintext options)
@@ -158,7 +158,7 @@ _SERVER_KEYS: Mapping[str, _Key] = {
     "handshake-timeout": _Key(_seconds, "handshake_timeout_s"),
     "idle-timeout": _Key(_seconds, "idle_timeout_s"),
     "poll-us": _Key(_typed(int, "a number of microseconds"), "poll_us"),
-    "read-lane": _Key(_typed(bool, "true or false"), "read_lane"),
+    "lane": _Key(_typed(bool, "true or false"), "lane"),
     "max-connections": _Key(_typed(int, "a number"), "max_connections"),
     "allow": _Key(_networks, "allow"),
     "metrics": _Key(_typed(str, "HOST:PORT"), "metrics"),

@@ -230,7 +230,7 @@ int nbdu_deferred(struct nbdu_ring *r)
 int nbdu_reap(struct nbdu_ring *r, uint64_t *user_data, int32_t *res, unsigned max,
               unsigned *lane_done)
 {
-    /* Completions of the read lane are finished here; the others are copied out for Python.
+    /* Completions of the lane are finished here; the others are copied out for Python.
      * Stops when `max` have been copied or the queue is empty. */
     struct io_uring_cqe *cqe;
     unsigned head;
@@ -260,7 +260,7 @@ int nbdu_reap(struct nbdu_ring *r, uint64_t *user_data, int32_t *res, unsigned m
 
 int nbdu_reap_lane_only(struct nbdu_ring *r)
 {
-    /* Finish the read lane's completions up to the first that is not the lane's, which stays
+    /* Finish the lane's completions up to the first that is not the lane's, which stays
      * for Python: returns 1 if one is waiting, else 0. */
     struct io_uring_cqe *cqe;
     unsigned head;

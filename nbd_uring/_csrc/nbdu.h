@@ -35,7 +35,7 @@ int nbdu_deferred(struct nbdu_ring *r);
 int nbdu_reap(struct nbdu_ring *r, uint64_t *user_data, int32_t *res, unsigned max,
               unsigned *lane_done);
 
-/* The read lane (lane.c): plain READs from request header to reply in C. */
+/* The lane (lane.c): plain READs and WRITEs from request header to reply in C. */
 struct nbdu_lane;
 struct nbdu_lane_export;
 struct nbdu_lane_conn;

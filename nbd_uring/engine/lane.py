@@ -1,19 +1,23 @@
-"""The read lane: plain reads handled whole in C, from the request's bytes to the reply's.
+"""The lane: plain reads and writes handled whole in C, from the request's bytes to the reply's.
 
-Most requests of a read-heavy client are reads with nothing unusual about them; for those the
-Python path (parse, admit, buffer, SQE, completion, reply header, send) is the server's main
-cost. The lane (``_csrc/lane.c``) takes them straight from a connection's receive buffer, reads
-into its own buffers through the ring and queues the replies, which :meth:`LaneConnection.send`
-writes in one ``sendmsg``. Python hears of a lane request only when it fails.
+Most requests of a busy client are reads and writes with nothing unusual about them; for
+those the Python path (parse, admit, buffer, SQE, completion, reply header, send) is the
+server's main cost. The lane (``_csrc/lane.c``) takes them straight from a connection's
+receive buffer (a write with its whole payload there), does the I/O through the ring in its
+own buffers and queues the replies, which :meth:`LaneConnection.send` writes in one
+``sendmsg``. Python hears of a lane request only when it fails.
 
-The engine's rules hold: a lane read starts only while no write, trim or zeroing is admitted
-on its export (:class:`~nbd_uring.engine.ordering.OverlapTracker` keeps the lane told), and a
-write admitted while lane reads are in flight waits for those it overlaps
-(:meth:`LaneExport.wait`). Every byte a lane request holds counts against its connection's
-budget until its reply is sent.
+The engine's rules hold. Ordering: the lane takes a read only while Python has no write,
+trim or zeroing admitted and no lane write in flight overlaps it, and a write only while
+Python has nothing admitted and no lane op in flight overlaps it (anything else goes to
+Python); a request Python admits waits for the lane ops in flight it conflicts with
+(:meth:`LaneExport.wait`), which :class:`~nbd_uring.engine.ordering.OverlapTracker` asks for.
+Durability: the lane takes writes only on exports whose durability is ``flush``, and a FLUSH
+waits for the lane writes received before it (:meth:`LaneExport.flush_wait`). Budget: every
+byte a lane request holds counts against its connection's budget until its reply is sent.
 
 The lane knows the request and reply formats it handles (compact headers: a simple reply, or
-one OFFSET_DATA chunk for a range without holes); everything else stays with the server.
+one OFFSET_DATA chunk for a read range without holes); everything else stays with the server.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ class Lane:
     def __init__(self, ring: Ring, sqes_in_flight: Any, max_cached: int = 32 * 1024 * 1024) -> None:
         lane = lib.nbdu_lane_new(ring._ring, sqes_in_flight, max_cached)
         if lane == ffi.NULL:
-            raise MemoryError("read lane")
+            raise MemoryError("lane")
         self._lane: Any = lane
         self._clients: dict[int, LaneClient] = {}
         self._waiters: dict[int, Callable[[], None]] = {}
@@ -83,7 +87,7 @@ class Lane:
         only if ``writable``."""
         handle = lib.nbdu_lane_export_new(self._lane, fd, limit, 1 if writable else 0)
         if handle == ffi.NULL:
-            raise MemoryError("read lane export")
+            raise MemoryError("lane export")
         self._live += 1
         exp = LaneExport(self, handle, fd)
         self._exports[id(exp)] = exp
@@ -114,7 +118,7 @@ class Lane:
                     else:
                         self._waiters.pop(ev.token)()
                 except Exception:
-                    log.exception("read lane event handler failed")
+                    log.exception("lane event handler failed")
             if n < _EVENTS:
                 return
 
@@ -164,7 +168,7 @@ class LaneExport:
         token = self._lane._token()
         rc = lib.nbdu_lane_export_wait(self._handle, start, end, 1 if exclusive else 0, token)
         if rc < 0:
-            raise MemoryError("read lane waiter")
+            raise MemoryError("lane waiter")
         if rc == 0:
             return False
         self._lane._waiters[token] = ready
@@ -176,7 +180,7 @@ class LaneExport:
         token = self._lane._token()
         rc = lib.nbdu_lane_export_flush_wait(self._handle, token)
         if rc < 0:
-            raise MemoryError("read lane waiter")
+            raise MemoryError("lane waiter")
         if rc == 0:
             return False
         self._lane._waiters[token] = ready
@@ -211,7 +215,7 @@ class LaneExport:
             max_requests,
         )
         if handle == ffi.NULL:
-            raise MemoryError("read lane connection")
+            raise MemoryError("lane connection")
         lane._clients[token] = client
         lane._live += 1
         return LaneConnection(lane, handle, token)

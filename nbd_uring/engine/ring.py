@@ -140,7 +140,7 @@ class Ring:
         self.supports_fadvise = bool(lib.nbdu_opcode_supported(ring, lib.IORING_OP_FADVISE))
         self._in_flight: dict[int, _Op] = {}
         self._sqes = ffi.new("unsigned[1]")
-        """SQEs whose completion is not reaped yet, the read lane's included: never more than
+        """SQEs whose completion is not reaped yet, the lane's included: never more than
         the completion queue holds, so no completion can be dropped."""
         self._backlog: deque[_Op] = deque()
         self._unsubmitted = 0

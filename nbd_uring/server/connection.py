@@ -99,7 +99,7 @@ class _Budget:
         self._changed: trio.Event | None = None
         """Set on the next release; made only when someone waits."""
         self.lane: LaneConnection | None = None
-        """The connection's read lane, whose requests count too (it keeps its own tally)."""
+        """The connection's lane, whose requests count too (it keeps its own tally)."""
 
     def would_block(self, nbytes: int) -> bool:
         requests, used = self.requests, self.bytes
@@ -377,7 +377,7 @@ class Connection:
             raise failure
 
     def _open_lane(self) -> LaneConnection | None:
-        """The read lane for this connection, where it applies: compact headers, no
+        """The lane for this connection, where it applies: compact headers, no
         metrics, a plain export (the lane exists only for those). TLS never gets here."""
         assert self.export is not None and self.info is not None
         lane = self.export.backend.lane
@@ -945,7 +945,7 @@ class Connection:
         """Send queued replies, as many per sendmsg as IOV_MAX allows, without waiting;
         True once everything is sent (and its buffers and budget released).
 
-        The read lane queues its replies apart; a reply partly sent, from either queue, is
+        The lane queues its replies apart; a reply partly sent, from either queue, is
         finished before the other queue sends anything."""
         lane = self._lane
         if lane is not None and lane.tally.partial and not self._lane_send(lane):

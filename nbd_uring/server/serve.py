@@ -53,7 +53,7 @@ _RESTART_FIELDS = (
     "unix_mode",
     "unix_group",
     "ring_entries",
-    "read_lane",
+    "lane",
     "metrics",
     "tls",
     "tls_cert",
@@ -196,7 +196,7 @@ class Server:
         self.export_connections: Counter[str] = Counter()
         self.stats: dict[str, Stats] = {}
         """Per-export counters for --metrics, keyed by name; a reload adds and removes keys."""
-        self.ring = Ring(config.ring_entries, lane=config.read_lane)
+        self.ring = Ring(config.ring_entries, lane=config.lane)
         self.pool = BufferPool()
         self.exports_by_name: dict[str, ServedExport] = {}
         self._retiring: dict[ExportState, ServedExport] = {}

@@ -1,4 +1,4 @@
-"""The read lane on a real ring, real files and a real socket pair: what it takes, what it
+"""The lane on a real ring, real files and a real socket pair: what it takes, what it
 answers, how it shares ordering and budget with the Python path, and how it fails."""
 
 from __future__ import annotations
