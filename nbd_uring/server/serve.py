@@ -14,6 +14,7 @@ import os
 import socket
 import ssl
 import stat
+import tempfile
 import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -645,38 +646,55 @@ def _sync_and_close(served: ServedExport) -> None:
 
 def _listen_unix(path: str, mode: int | None, group: str | None) -> socket.socket:
     """A listening Unix socket at ``path`` that is never reachable more widely than ``mode``
-    and ``group`` say: with either given, it is bound under umask 0777 (the file appears with
-    no permission bits, and nobody could connect before ``listen`` anyway), then given its
-    group and mode, and only then listens. The umask is process-wide, but nothing else
-    creates files while the server starts its listeners."""
+    and ``group`` say. With either given, it is bound under umask 0777 (the file appears with
+    no permission bits) inside a fresh private directory next to ``path``, given its group and
+    mode there, and only then renamed to ``path`` and made to listen: nobody can swap the file
+    between the bind and the chmod, even in a directory others can write to. (Where the
+    private path would be too long for a socket address, it is bound at ``path`` itself.) The
+    umask is process-wide, but nothing else creates files while the server starts."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    bound = False
+    bound: str | None = None
+    private: str | None = None
     try:
         if mode is None and group is None:
             sock.bind(path)
-            bound = True
+            bound = path
         else:
+            where = path
+            parent = os.path.dirname(os.path.abspath(path))
+            candidate = tempfile.mkdtemp(prefix=".nbd-uring-", dir=parent)
+            if len(os.fsencode(os.path.join(candidate, "s"))) < 108:
+                private, where = candidate, os.path.join(candidate, "s")
+            else:
+                os.rmdir(candidate)
             umask = os.umask(0o777)
             try:
-                sock.bind(path)
-                bound = True
+                sock.bind(where)
+                bound = where
             finally:
                 os.umask(umask)
             if group is not None:
                 try:
-                    os.chown(path, -1, group_id(group))
+                    os.chown(where, -1, group_id(group), follow_symlinks=False)
                 except OSError as exc:
                     raise OSError(
                         exc.errno, f"cannot give {path} to group {group!r}: {exc.strerror}"
                     ) from None
-            os.chmod(path, 0o777 & ~umask if mode is None else mode)
+            os.chmod(where, 0o777 & ~umask if mode is None else mode)
+            if private is not None:
+                os.rename(where, path)
+                bound = path
         sock.listen(128)
     except BaseException:
         sock.close()
-        if bound:
+        if bound is not None:
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                os.unlink(bound)
         raise
+    finally:
+        if private is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(private)
     return sock
 
 

@@ -129,9 +129,12 @@ def test_socket_is_never_open_wider_than_the_mode(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """At the moment the mode is set, the socket file has no permission bits and is not yet
-    listening (a connect is refused): there is no window in which the umask's mode applies."""
+    listening (a connect is refused): there is no window in which the umask's mode applies.
+    It is set in a private directory (0700) next to the path, so nobody can swap the file in
+    between, and the directory is gone afterwards."""
     path = tmp_path / "w.sock"
     seen: list[tuple[int, int]] = []
+    where: list[str] = []
     chmod = os.chmod
 
     def watching_chmod(target: str, mode: int, **kwargs: object) -> None:
@@ -144,6 +147,8 @@ def test_socket_is_never_open_wider_than_the_mode(
         finally:
             probe.close()
         seen.append((stat.S_IMODE(os.stat(target).st_mode), result))
+        parent = os.path.dirname(target)
+        where.append(f"{os.path.basename(parent)[:11]} {stat.S_IMODE(os.stat(parent).st_mode):o}")
         chmod(target, mode, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "chmod", watching_chmod)
@@ -156,7 +161,9 @@ def test_socket_is_never_open_wider_than_the_mode(
     try:
         # root ignores permission bits, so the refusal seen is "not listening yet".
         assert seen == [(0, errno.ECONNREFUSED)]
+        assert where == [".nbd-uring- 700"]
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["w.sock"]
         assert left == 0, "the umask was not restored"
     finally:
         sock.close()
@@ -166,14 +173,14 @@ def test_socket_is_never_open_wider_than_the_mode(
 def test_a_group_that_cannot_be_given_fails_and_leaves_no_socket(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def refuse(*_args: object) -> None:
+    def refuse(*_args: object, **_kwargs: object) -> None:
         raise PermissionError(errno.EPERM, "Operation not permitted")
 
     monkeypatch.setattr(os, "chown", refuse)
     path = tmp_path / "g.sock"
     with pytest.raises(OSError, match=r"cannot give .* to group 'daemon': Operation not"):
         serve._listen_unix(str(path), 0o660, "daemon")
-    assert not path.exists()
+    assert list(tmp_path.iterdir()) == []  # no socket, no private directory
 
 
 def test_check_config_reports_unix_socket_settings(tmp_path: Path) -> None:
