@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from . import report
-from .servers import CLK_TCK, SERVER_NAMES, Server, ensure_tools, tool_version
+from .servers import (
+    CLK_TCK,
+    SERVER_NAMES,
+    Server,
+    ensure_matplotlib,
+    ensure_tools,
+    tool_version,
+)
 from .workloads import QUICK_WORKLOADS, WORKLOADS, Workload, select
 
 CEILING = "ceiling"
@@ -404,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     copy_latest = (not args.quick) if args.latest is None else args.latest
 
     missing = ensure_tools(["fio", *[s for s in servers_wanted if s != "nbd-uring"]], log)
+    if not args.quick:
+        ensure_matplotlib(log)
     if "fio" in missing:
         print("error: fio is missing and could not be installed", file=sys.stderr)
         return 2

@@ -47,10 +47,23 @@ def free_port() -> int:
         return port
 
 
+def ensure_matplotlib(log: Callable[[str], None]) -> None:
+    """The chart needs matplotlib: apt-get install Debian's when it cannot be imported (a
+    virtualenv made with --system-site-packages, as scripts/test.sh makes, sees it)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        _apt_install(["python3-matplotlib"], log)
+        importlib.invalidate_caches()
+
+
 def ensure_tools(tools: list[str], log: Callable[[str], None]) -> list[str]:
     """apt-get install the packages of any missing tool; return the tools still missing."""
     missing = [t for t in tools if shutil.which(t) is None]
     packages = sorted({APT_PACKAGES[t] for t in missing if t in APT_PACKAGES})
+    _apt_install(packages, log)
+    return [t for t in tools if shutil.which(t) is None]
+
+
+def _apt_install(packages: list[str], log: Callable[[str], None]) -> None:
     if packages and shutil.which("apt-get"):
         log(f"installing {' '.join(packages)} with apt-get")
         prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
@@ -60,7 +73,6 @@ def ensure_tools(tools: list[str], log: Callable[[str], None]) -> list[str]:
             if proc.returncode != 0:
                 log(f"{' '.join(argv)} failed: {proc.stderr.strip()[-500:]}")
                 break
-    return [t for t in tools if shutil.which(t) is None]
 
 
 def nbd_uring_python() -> str:
