@@ -74,7 +74,14 @@ mount -t devtmpfs devtmpfs $R/dev
 mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts devpts $R/dev/pts
 mount -t tmpfs tmpfs $R/dev/shm
+# A work tree under /tmp (a CI clone, say) stays visible under the guest's own /tmp.
+if [ -n "$nbdu_keep" ]; then
+    mkdir -p /t/keep && mount --bind "$R$nbdu_keep" /t/keep || fail "keep $nbdu_keep"
+fi
 mount -t tmpfs -o mode=1777 tmpfs $R/tmp
+if [ -n "$nbdu_keep" ]; then
+    mkdir -p "$R$nbdu_keep" && mount --bind /t/keep "$R$nbdu_keep" || fail "keep $nbdu_keep"
+fi
 mount -t tmpfs -o mode=0755 tmpfs $R/run
 mkdir -p "$R$nbdu_out" "$R/lib/modules/$(uname -r)"
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 out "$R$nbdu_out" || fail "out share"
@@ -90,6 +97,11 @@ umount "$R$nbdu_out"
 echo "nbdu-init: done"
 bye
 """.replace("@PATH@", GUEST_PATH)
+
+
+_REPO = Path(__file__).resolve().parents[2]
+_KEEP = str(_REPO) if _REPO.is_relative_to("/tmp") else ""
+"""The work tree, when it lives under /tmp, which the guest mounts a tmpfs over."""
 
 
 class VmError(Exception):
@@ -372,6 +384,7 @@ def run(
             f"nbdu_out={out}",
             f"nbdu_modules={image.modules}",
             f"nbdu_ci={os.environ.get('CI', '')}",
+            f"nbdu_keep={_KEEP}",
         ]
     )
     cmd = [
