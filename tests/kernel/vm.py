@@ -40,7 +40,7 @@ BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 KERNEL_META_PACKAGE = "linux-image-amd64"
 # What /init loads before it can mount the host, in dependency order (modules.dep decides).
 BOOT_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
-CACHE_FORMAT = "4"  # bump when the layout or /init changes
+CACHE_FORMAT = "5"  # bump when the layout or /init changes
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NO_STATUS = -1  # GuestRun.status of a guest that ended without the job's status file
 
