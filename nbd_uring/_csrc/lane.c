@@ -116,6 +116,7 @@ struct nbdu_lane {
     struct lane_slot *free_slots;
     struct nbdu_lane_event *events;
     unsigned nevents, capevents, events_head;
+    unsigned nconns, nwaiters; /* with inflight: what may still push an event (room_for_one) */
 };
 
 static inline uint16_t be16(const unsigned char *p)
@@ -215,18 +216,37 @@ unsigned nbdu_lane_take_prepared(struct nbdu_lane *lane)
 static void conn_unref(struct nbdu_lane_conn *c);
 static void export_unref(struct nbdu_lane_export *e);
 
-static int push_event(struct nbdu_lane *lane, const struct nbdu_lane_event *ev)
+static void *grow(void *items, unsigned *cap, unsigned need, size_t size, unsigned first)
 {
-    if (lane->nevents == lane->capevents) {
-        unsigned cap = lane->capevents ? lane->capevents * 2 : 64;
-        struct nbdu_lane_event *e = realloc(lane->events, cap * sizeof(*e));
-        if (e == NULL)
-            return -ENOMEM;
-        lane->events = e;
-        lane->capevents = cap;
-    }
-    lane->events[lane->nevents++] = *ev;
+    /* items (of `size` bytes each) with room for at least `need`, or NULL (items unchanged). */
+    if (need <= *cap)
+        return items;
+    unsigned n = *cap ? *cap : first;
+    while (n < need)
+        n *= 2;
+    void *p = realloc(items, (size_t)n * size);
+    if (p != NULL)
+        *cap = n;
+    return p;
+}
+
+static int room_for_one(struct nbdu_lane *lane)
+{
+    /* Before one more op in flight, waiter or connection: make sure the event it may push
+     * (FAILED, READY, REPLIES) will fit, so that no event is ever lost to a failed
+     * allocation once there is something to report. 0, or -ENOMEM (then do not add it). */
+    unsigned need = lane->nevents + lane->inflight + lane->nwaiters + lane->nconns + 1;
+    void *p = grow(lane->events, &lane->capevents, need, sizeof(*lane->events), 64);
+    if (p == NULL)
+        return -ENOMEM;
+    lane->events = p;
     return 0;
+}
+
+static void push_event(struct nbdu_lane *lane, const struct nbdu_lane_event *ev)
+{
+    /* room_for_one has made room for it. */
+    lane->events[lane->nevents++] = *ev;
 }
 
 unsigned nbdu_lane_events(struct nbdu_lane *lane, struct nbdu_lane_event *out, unsigned max)
@@ -342,15 +362,12 @@ static int overlaps(struct nbdu_lane_export *e, uint64_t start, uint64_t end, in
 
 static int add_waiter(struct nbdu_lane_export *e, struct lane_waiter w)
 {
-    if (e->nwaiters == e->capwaiters) {
-        unsigned cap = e->capwaiters ? e->capwaiters * 2 : 8;
-        struct lane_waiter *ws = realloc(e->waiters, cap * sizeof(*ws));
-        if (ws == NULL)
-            return -ENOMEM;
-        e->waiters = ws;
-        e->capwaiters = cap;
-    }
+    void *p = grow(e->waiters, &e->capwaiters, e->nwaiters + 1, sizeof(*e->waiters), 8);
+    if (p == NULL || room_for_one(e->lane) < 0)
+        return -ENOMEM;
+    e->waiters = p;
     e->waiters[e->nwaiters++] = w;
+    e->lane->nwaiters++;
     return (int)w.count;
 }
 
@@ -405,8 +422,9 @@ static void export_op_done(struct nbdu_lane *lane, struct lane_slot *s)
                      s->offset < w->end;
         if (counts && --w->count == 0) {
             struct nbdu_lane_event ev = {.kind = NBDU_LANE_READY, .token = w->token};
-            push_event(lane, &ev); /* on ENOMEM the stall check is all that is left */
+            push_event(lane, &ev);
             e->waiters[i] = e->waiters[--e->nwaiters];
+            lane->nwaiters--;
             continue;
         }
         i++;
@@ -421,9 +439,12 @@ struct nbdu_lane_conn *nbdu_lane_conn_new(struct nbdu_lane *lane, struct nbdu_la
                                           uint32_t align_mask, uint32_t hole_check_from,
                                           uint64_t max_bytes, uint32_t max_requests)
 {
+    if (room_for_one(lane) < 0)
+        return NULL;
     struct nbdu_lane_conn *c = calloc(1, sizeof(*c));
     if (c == NULL)
         return NULL;
+    lane->nconns++;
     c->lane = lane;
     c->exp = e;
     e->refs++;
@@ -450,6 +471,7 @@ void nbdu_lane_conn_close(struct nbdu_lane_conn *c)
 {
     /* Replies not sent are dropped; reads still in flight are retired as they complete. */
     c->closed = 1;
+    c->lane->nconns--;
     struct lane_slot *s = c->queue;
     c->queue = c->queue_tail = NULL;
     c->sent = 0;
@@ -559,7 +581,7 @@ int nbdu_lane_feed(struct nbdu_lane_conn *c, const unsigned char *data, size_t p
         if (c->t.requests + other_requests >= c->max_requests ||
             (bytes > 0 && bytes + length > c->max_bytes))
             break;
-        if (*lane->sqes_in_flight + 1 > lane->cq_entries)
+        if (*lane->sqes_in_flight + 1 > lane->cq_entries || room_for_one(lane) < 0)
             break;
         struct lane_slot *s = slot_get(lane);
         if (s == NULL)
@@ -643,10 +665,8 @@ static void queue_reply(struct nbdu_lane *lane, struct lane_slot *s)
     if (!c->notified) {
         c->notified = 1;
         struct nbdu_lane_event ev = {.kind = NBDU_LANE_REPLIES, .token = c->token, .conn = c};
-        if (push_event(lane, &ev) < 0)
-            c->notified = 0;
-        else
-            c->refs++;
+        push_event(lane, &ev);
+        c->refs++;
     }
 }
 
@@ -673,8 +693,8 @@ void nbdu_lane_complete(struct nbdu_lane *lane, uint64_t user_data, int32_t res)
                 .offset = s->offset, .length = s->length, .err = -res,
                 .command = s->write ? NBD_CMD_WRITE : NBD_CMD_READ,
             };
-            if (push_event(lane, &ev) == 0)
-                lane->failures++;
+            push_event(lane, &ev);
+            lane->failures++;
         }
         slot_retire(lane, s);
         return;

@@ -167,18 +167,16 @@ class LaneExport:
         of them has completed. Call with ``state`` already telling the lane about it."""
         token = self._lane._token()
         rc = lib.nbdu_lane_export_wait(self._handle, start, end, 1 if exclusive else 0, token)
-        if rc < 0:
-            raise MemoryError("lane waiter")
-        if rc == 0:
-            return False
-        self._lane._waiters[token] = ready
-        return True
+        return self._waiting(rc, token, ready)
 
     def flush_wait(self, ready: Callable[[], None]) -> bool:
         """If lane writes are in flight: True, and ``ready`` is called once those have
         completed (not the ones that come later)."""
         token = self._lane._token()
-        rc = lib.nbdu_lane_export_flush_wait(self._handle, token)
+        return self._waiting(lib.nbdu_lane_export_flush_wait(self._handle, token), token, ready)
+
+    def _waiting(self, rc: int, token: int, ready: Callable[[], None]) -> bool:
+        """``rc``: how many lane ops the waiter registered under ``token`` counts."""
         if rc < 0:
             raise MemoryError("lane waiter")
         if rc == 0:

@@ -3,6 +3,7 @@ answers, how it shares ordering and budget with the Python path, and how it fail
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -97,6 +98,22 @@ def connect(
     buf = mmap.mmap(-1, 256 * 1024)
     conn.attach(buf)
     return conn, buf
+
+
+@contextlib.contextmanager
+def failing_export(ring: Ring, tmp_path: Path, flags: int) -> Iterator[LaneExport]:
+    """A lane export over a descriptor opened ``O_WRONLY`` (reads fail with EBADF) or
+    ``O_RDONLY`` (writes do)."""
+    path = tmp_path / "failing.img"
+    path.write_bytes(bytes(SIZE))
+    fd = os.open(path, flags)
+    assert ring.lane is not None
+    exp = ring.lane.export(fd, SIZE, writable=True)
+    try:
+        yield exp
+    finally:
+        exp.close()
+        os.close(fd)
 
 
 def put(buf: mmap.mmap, requests: list[tuple[int, int, int, int, int]]) -> int:
@@ -259,24 +276,16 @@ def test_budget_counts_lane_requests_until_their_replies_are_sent(
 def test_a_failed_read_goes_to_the_connection(
     ring: Ring, tmp_path: Path, pair: tuple[socket.socket, socket.socket]
 ) -> None:
-    path = tmp_path / "w"
-    path.write_bytes(b"x" * SIZE)
-    fd = os.open(path, os.O_WRONLY)  # reads fail with EBADF
-    assert ring.lane is not None
-    exp = ring.lane.export(fd, SIZE, writable=True)
-    try:
+    with failing_export(ring, tmp_path, os.O_WRONLY) as exp:
         client = Client()
         conn, buf = connect(exp, client)
         end = put(buf, [(0, READ, 9, 4096, 4096)])
         assert conn.feed(0, end, 0, 0) == end
         run_until(ring, lambda: bool(client.failed))
-        assert client.failed == [(9, 4096, 4096, errno.EBADF)]
+        assert client.failed == [(9, 4096, 4096, errno.EBADF)] and client.commands == [READ]
         assert (conn.requests, conn.bytes) == (0, 0)
         assert conn.send(pair[0].fileno()) == 1  # nothing queued
         conn.close()
-    finally:
-        exp.close()
-        os.close(fd)
 
 
 def test_a_read_past_the_end_of_a_shrunk_file_fails_with_eio(
@@ -379,14 +388,11 @@ def test_serve_hands_python_what_is_not_the_lanes(
     conn.close()
 
 
-def test_serve_returns_when_a_read_fails(ring: Ring, tmp_path: Path) -> None:
-    path = tmp_path / "w"
-    path.write_bytes(b"x" * SIZE)
-    fd = os.open(path, os.O_WRONLY)
-    assert ring.lane is not None
-    exp = ring.lane.export(fd, SIZE, writable=True)
-    a, b = socket.socketpair()
-    try:
+def test_serve_returns_when_a_read_fails(
+    ring: Ring, tmp_path: Path, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    a, b = pair
+    with failing_export(ring, tmp_path, os.O_WRONLY) as exp:
         client = Client()
         conn, _buf = connect(exp, client)
         b.sendall(REQUEST.pack(REQUEST_MAGIC, 0, READ, 4, 0, 4096))
@@ -395,11 +401,6 @@ def test_serve_returns_when_a_read_fails(ring: Ring, tmp_path: Path) -> None:
         ring.submit()  # what the reader does next: reap and hand out the lane's events
         assert client.failed == [(4, 0, 4096, errno.EBADF)]
         conn.close()
-    finally:
-        exp.close()
-        os.close(fd)
-        a.close()
-        b.close()
 
 
 def test_structured_reads_over_holes_are_left_to_python(
@@ -547,12 +548,7 @@ def test_read_only_or_sync_exports_take_no_lane_write(ring: Ring, tmp_path: Path
 
 
 def test_a_failed_write_goes_to_the_connection(ring: Ring, tmp_path: Path) -> None:
-    path = tmp_path / "r"
-    path.write_bytes(bytes(SIZE))
-    fd = os.open(path, os.O_RDONLY)  # writes fail with EBADF
-    assert ring.lane is not None
-    exp = ring.lane.export(fd, SIZE, writable=True)
-    try:
+    with failing_export(ring, tmp_path, os.O_RDONLY) as exp:
         client = Client()
         conn, buf = connect(exp, client)
         end = put_write(buf, 0, 6, 4096, b"z" * 4096)
@@ -561,6 +557,3 @@ def test_a_failed_write_goes_to_the_connection(ring: Ring, tmp_path: Path) -> No
         assert client.failed == [(6, 4096, 4096, errno.EBADF)] and client.commands == [WRITE]
         assert (conn.requests, conn.bytes) == (0, 0)
         conn.close()
-    finally:
-        exp.close()
-        os.close(fd)
