@@ -769,9 +769,9 @@ static uint64_t now_ns(void)
 int nbdu_lane_serve(struct nbdu_lane_conn *c, int fd, unsigned char *buf, size_t cap,
                     size_t *end_io, uint64_t poll_ns, unsigned max_rounds)
 {
-    /* The connection's reader loop for a lone client whose requests are all the lane's:
-     * take, submit, reap, send, and poll the socket up to poll_ns for the next requests, for
-     * at most max_rounds receives. buf[0:*end_io] holds what was received and not yet taken
+    /* The connection's reader loop while its requests are all the lane's: take, submit,
+     * reap, send, and receive the next ones (polling the socket up to poll_ns first: Python
+     * passes 0 unless this is the only client), for at most max_rounds receives. buf[0:*end_io] holds what was received and not yet taken
      * (at most a partial header, or a request for Python). Returns NBDU_SERVE_IDLE (polled in
      * vain: wait for the socket), NBDU_SERVE_PYTHON (something needs Python: a request the
      * lane does not take, an event, a completion or reads still in flight, a full socket,
@@ -824,6 +824,10 @@ int nbdu_lane_serve(struct nbdu_lane_conn *c, int fd, unsigned char *buf, size_t
                 continue;
             if (errno != EAGAIN && errno != EWOULDBLOCK) {
                 status = -errno;
+                goto out;
+            }
+            if (poll_ns == 0) {
+                status = NBDU_SERVE_IDLE;
                 goto out;
             }
             uint64_t t = now_ns();

@@ -563,25 +563,29 @@ class Connection:
                 pos = 0
             # A receive that succeeds at once costs no trip through Trio's scheduler; every
             # few of those the reader yields anyway, so a client that never lets the socket
-            # run dry cannot starve the other tasks.
+            # run dry cannot starve the other tasks. With nothing of Python's in flight, the
+            # lane's loop in C receives instead, for as long as every request is the lane's
+            # (polling first if this is the only client).
             while True:
                 try:
+                    if lane is not None and not budget.outstanding and not self.draining:
+                        lone = poll_ns and server.connections == 1
+                        status, end = lane.serve(self._fd, end, poll_ns if lone else 0)
+                        if status == SERVE_PYTHON:
+                            n = -1
+                            break
+                        if status == SERVE_EOF:
+                            n = 0
+                            break
+                        if status != SERVE_IDLE:
+                            raise ClientGone(os.strerror(-status))
+                        raise BlockingIOError  # nothing more for now: wait for the socket
                     n = raw.recv_into(mv[end:])
                     break
                 except BlockingIOError:
                     eager = 0
-                    if poll_ns and not budget.outstanding and server.connections == 1:
-                        if lane is not None and not self.draining:
-                            status, end = lane.serve(self._fd, end, poll_ns)
-                            if status == SERVE_PYTHON:
-                                n = -1
-                                break
-                            if status == SERVE_EOF:
-                                n = 0
-                                break
-                            if status != SERVE_IDLE:
-                                raise ClientGone(os.strerror(-status)) from None
-                        else:
+                    if lane is None and poll_ns and not budget.outstanding:
+                        if server.connections == 1:
                             n = _poll_recv(raw, mv[end:], poll_ns)
                             if n >= 0:
                                 break
