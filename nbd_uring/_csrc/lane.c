@@ -774,12 +774,13 @@ int nbdu_lane_serve(struct nbdu_lane_conn *c, int fd, unsigned char *buf, size_t
      * passes 0 unless this is the only client), for at most max_rounds receives. buf[0:*end_io] holds what was received and not yet taken
      * (at most a partial header, or a request for Python). Returns NBDU_SERVE_IDLE (polled in
      * vain: wait for the socket), NBDU_SERVE_PYTHON (something needs Python: a request the
-     * lane does not take, an event, a completion or reads still in flight, a full socket,
-     * or the round limit), NBDU_SERVE_EOF, or -errno. *end_io is updated; data starts at 0. */
+     * lane does not take, an event, a completion or requests still in flight, a full
+     * socket), NBDU_SERVE_YIELD (the round limit: let the event loop run), NBDU_SERVE_EOF,
+     * or -errno. *end_io is updated; data starts at 0. */
     struct nbdu_lane *lane = c->lane;
     struct nbdu_ring *r = lane->ring;
     size_t end = *end_io;
-    int status = NBDU_SERVE_PYTHON;
+    int status = NBDU_SERVE_YIELD; /* unless something ends the loop earlier */
 
     nbdu_eventfd_enable(r, 0); /* completions reaped here need no wake-up */
     for (unsigned round = 0; round < max_rounds; round++) {
@@ -796,7 +797,7 @@ int nbdu_lane_serve(struct nbdu_lane_conn *c, int fd, unsigned char *buf, size_t
             int rc = nbdu_submit(r);
             if (rc < 0) {
                 status = rc;
-                break;
+                goto out;
             }
         }
         int other = nbdu_reap_lane_only(r);
@@ -804,11 +805,13 @@ int nbdu_lane_serve(struct nbdu_lane_conn *c, int fd, unsigned char *buf, size_t
             int rc = nbdu_lane_send(c, fd);
             if (rc <= 0) {
                 status = rc < 0 ? rc : NBDU_SERVE_PYTHON;
-                break;
+                goto out;
             }
         }
-        if (end >= 28 || other || lane->failures || c->t.requests || c->closed)
-            break; /* a request the lane did not take, or something else for Python */
+        if (end >= 28 || other || lane->failures || c->t.requests || c->closed) {
+            status = NBDU_SERVE_PYTHON; /* a request it did not take, or something else */
+            goto out;
+        }
         uint64_t deadline = 0;
         for (;;) {
             ssize_t n = recv(fd, buf + end, cap - end, MSG_DONTWAIT);

@@ -40,7 +40,7 @@ struct nbdu_lane;
 struct nbdu_lane_export;
 struct nbdu_lane_conn;
 enum { NBDU_LANE_REPLIES = 1, NBDU_LANE_FAILED = 2, NBDU_LANE_READY = 3 };
-enum { NBDU_SERVE_IDLE = 0, NBDU_SERVE_PYTHON = 1, NBDU_SERVE_EOF = 2 };
+enum { NBDU_SERVE_IDLE = 0, NBDU_SERVE_PYTHON = 1, NBDU_SERVE_EOF = 2, NBDU_SERVE_YIELD = 3 };
 struct nbdu_lane_tally {
     uint64_t bytes;    /* what a connection's lane requests hold of its budget */
     uint32_t requests;

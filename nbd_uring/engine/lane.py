@@ -40,6 +40,7 @@ _READY: int = lib.NBDU_LANE_READY
 SERVE_IDLE: int = lib.NBDU_SERVE_IDLE
 SERVE_PYTHON: int = lib.NBDU_SERVE_PYTHON
 SERVE_EOF: int = lib.NBDU_SERVE_EOF
+SERVE_YIELD: int = lib.NBDU_SERVE_YIELD
 SERVE_ROUNDS = 32
 """Receives :meth:`LaneConnection.serve` makes before it lets the event loop run."""
 
@@ -252,7 +253,8 @@ class LaneConnection:
         """The reader's loop in C, for a lone client with nothing else in flight: take its
         requests, read, reply, and poll ``fd`` up to ``poll_ns`` for the next ones, until
         something needs Python. The receive buffer holds ``[0:end)`` unread; returns
-        ``(SERVE_IDLE | SERVE_PYTHON | SERVE_EOF or -errno, end)``, data again from 0."""
+        ``(SERVE_IDLE | SERVE_PYTHON | SERVE_YIELD | SERVE_EOF or -errno, end)``, data again
+        from 0; SERVE_YIELD: it made SERVE_ROUNDS receives, let the event loop run."""
         pos = self._pos
         pos[0] = end
         rc = lib.nbdu_lane_serve(

@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING
 import trio
 
 from nbd_uring.engine.buffers import Buffer
-from nbd_uring.engine.lane import SERVE_EOF, SERVE_IDLE, SERVE_PYTHON, LaneConnection
+from nbd_uring.engine.lane import (
+    SERVE_EOF,
+    SERVE_IDLE,
+    SERVE_PYTHON,
+    SERVE_YIELD,
+    LaneConnection,
+)
 from nbd_uring.engine.ring import Completion
 from nbd_uring.protocol import (
     EXTENDED_REQUEST_SIZE,
@@ -212,7 +218,7 @@ class Connection:
         new requests get ESHUTDOWN, and once those in flight are answered it closes."""
         self._drain = trio.Event()
         self._lane: LaneConnection | None = None
-        """Plain READs answered in C (engine.lane), or None."""
+        """Plain READs and WRITEs answered in C (engine.lane), or None."""
         self._fd = sock.fileno()
 
     # -- life cycle ---------------------------------------------------------------------
@@ -571,8 +577,8 @@ class Connection:
                     if lane is not None and not budget.outstanding and not self.draining:
                         lone = poll_ns and server.connections == 1
                         status, end = lane.serve(self._fd, end, poll_ns if lone else 0)
-                        if status == SERVE_PYTHON:
-                            n = -1
+                        if status == SERVE_PYTHON or status == SERVE_YIELD:
+                            n = -2 if status == SERVE_YIELD else -1
                             break
                         if status == SERVE_EOF:
                             n = 0
@@ -602,7 +608,7 @@ class Connection:
                 except _PEER_GONE as exc:
                     raise ClientGone(str(exc)) from None
             eager += 1
-            if eager >= EAGER_RECVS or n < 0:
+            if eager >= EAGER_RECVS or n == -2:
                 eager = 0
                 await trio.lowlevel.checkpoint()
             if n < 0:  # the lane served in C; what it left is Python's
