@@ -299,6 +299,12 @@ static void buf_put(struct nbdu_lane *lane, unsigned char *b, unsigned cls)
     lane->cached += size;
 }
 
+static void slot_put(struct nbdu_lane *lane, struct lane_slot *s)
+{
+    s->next = lane->free_slots;
+    lane->free_slots = s;
+}
+
 static struct lane_slot *slot_get(struct nbdu_lane *lane)
 {
     struct lane_slot *s = lane->free_slots;
@@ -317,8 +323,7 @@ static void slot_retire(struct nbdu_lane *lane, struct lane_slot *s)
         buf_put(lane, s->buf, s->cls);
     c->t.bytes -= s->length;
     c->t.requests--;
-    s->next = lane->free_slots;
-    lane->free_slots = s;
+    slot_put(lane, s);
     conn_unref(c);
 }
 
@@ -588,8 +593,7 @@ int nbdu_lane_feed(struct nbdu_lane_conn *c, const unsigned char *data, size_t p
             break;
         s->buf = buf_get(lane, length, &s->cls);
         if (s->buf == NULL) {
-            s->next = lane->free_slots;
-            lane->free_slots = s;
+            slot_put(lane, s);
             break;
         }
         if (write)
@@ -605,8 +609,7 @@ int nbdu_lane_feed(struct nbdu_lane_conn *c, const unsigned char *data, size_t p
         s->prev = NULL;
         if (prep_slot(lane, s) < 0) {
             buf_put(lane, s->buf, s->cls);
-            s->next = lane->free_slots;
-            lane->free_slots = s;
+            slot_put(lane, s);
             break;
         }
         if (write) {
@@ -800,7 +803,9 @@ int nbdu_lane_serve(struct nbdu_lane_conn *c, int fd, unsigned char *buf, size_t
                 goto out;
             }
         }
-        int other = nbdu_reap_lane_only(r);
+        unsigned reaped;
+        nbdu_reap(r, NULL, NULL, 0, &reaped); /* the lane's; what follows is Python's */
+        int other = nbdu_cq_ready(r) != 0;
         if (c->queue != NULL) {
             int rc = nbdu_lane_send(c, fd);
             if (rc <= 0) {

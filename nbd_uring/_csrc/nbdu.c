@@ -231,7 +231,8 @@ int nbdu_reap(struct nbdu_ring *r, uint64_t *user_data, int32_t *res, unsigned m
               unsigned *lane_done)
 {
     /* Completions of the lane are finished here; the others are copied out for Python.
-     * Stops when `max` have been copied or the queue is empty. */
+     * Stops when `max` have been copied (max 0: at the first that is not the lane's) or the
+     * queue is empty. */
     struct io_uring_cqe *cqe;
     unsigned head;
     unsigned n = 0;
@@ -256,26 +257,4 @@ int nbdu_reap(struct nbdu_ring *r, uint64_t *user_data, int32_t *res, unsigned m
     io_uring_cq_advance(&r->ring, seen);
     *lane_done = lane;
     return (int)n;
-}
-
-int nbdu_reap_lane_only(struct nbdu_ring *r)
-{
-    /* Finish the lane's completions up to the first that is not the lane's, which stays
-     * for Python: returns 1 if one is waiting, else 0. */
-    struct io_uring_cqe *cqe;
-    unsigned head;
-    unsigned seen = 0;
-    int other = 0;
-
-    io_uring_for_each_cqe(&r->ring, head, cqe) {
-        uint64_t ud = io_uring_cqe_get_data64(cqe);
-        if (!(ud & NBDU_LANE_BIT)) {
-            other = 1;
-            break;
-        }
-        nbdu_lane_complete(r->lane, ud, cqe->res);
-        seen++;
-    }
-    io_uring_cq_advance(&r->ring, seen);
-    return other;
 }

@@ -5,7 +5,6 @@
 
 struct io_uring *nbdu_ring_uring(struct nbdu_ring *r);
 void nbdu_ring_set_lane(struct nbdu_ring *r, struct nbdu_lane *lane);
-int nbdu_reap_lane_only(struct nbdu_ring *r);
 void nbdu_lane_complete(struct nbdu_lane *lane, uint64_t user_data, int32_t res);
 
 #define NBDU_LANE_BIT (1ULL << 63)

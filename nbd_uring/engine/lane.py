@@ -69,7 +69,6 @@ class Lane:
         self._exports: dict[int, LaneExport] = {}
         self._next_token = 1
         self._events = ffi.new("struct nbdu_lane_event[]", _EVENTS)
-        self._live = 0
         self.closed = False
 
     @property
@@ -89,7 +88,6 @@ class Lane:
         handle = lib.nbdu_lane_export_new(self._lane, fd, limit, 1 if writable else 0)
         if handle == ffi.NULL:
             raise MemoryError("lane export")
-        self._live += 1
         exp = LaneExport(self, handle, fd)
         self._exports[id(exp)] = exp
         return exp
@@ -135,12 +133,8 @@ class Lane:
         self._next_token = token + 1
         return token
 
-    def _dead(self) -> None:
-        self._live -= 1
-        self._maybe_free()
-
     def _maybe_free(self) -> None:
-        if self.closed and self._live == 0 and self._lane is not None:
+        if self.closed and not self._exports and not self._clients and self._lane is not None:
             lib.nbdu_lane_free(self._lane)
             self._lane = None
 
@@ -216,7 +210,6 @@ class LaneExport:
         if handle == ffi.NULL:
             raise MemoryError("lane connection")
         lane._clients[token] = client
-        lane._live += 1
         return LaneConnection(lane, handle, token)
 
     def close(self) -> None:
@@ -225,7 +218,7 @@ class LaneExport:
             self._handle = None
             self.state = ffi.new("struct nbdu_lane_export_state *")
             self._lane._exports.pop(id(self), None)
-            self._lane._dead()
+            self._lane._maybe_free()
 
 
 class LaneConnection:
@@ -298,4 +291,4 @@ class LaneConnection:
             self._data = None
             self.tally = ffi.new("struct nbdu_lane_tally *")  # all zero from here on
             self._lane._clients.pop(self._token, None)
-            self._lane._dead()
+            self._lane._maybe_free()

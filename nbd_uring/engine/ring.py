@@ -154,7 +154,7 @@ class Ring:
         self._lane_done = ffi.new("unsigned *")
         self.closed = False
         self.lane: Lane | None = Lane(self, self._sqes) if lane else None
-        """Plain reads handled whole in C (:mod:`nbd_uring.engine.lane`), or None."""
+        """Plain reads and writes handled whole in C (:mod:`nbd_uring.engine.lane`), or None."""
 
     # -- submission ---------------------------------------------------------------------
 

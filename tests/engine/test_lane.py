@@ -9,6 +9,9 @@ import mmap
 import os
 import socket
 import struct
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -557,3 +560,43 @@ def test_a_failed_write_goes_to_the_connection(ring: Ring, tmp_path: Path) -> No
         assert client.failed == [(6, 4096, 4096, errno.EBADF)] and client.commands == [WRITE]
         assert (conn.requests, conn.bytes) == (0, 0)
         conn.close()
+
+
+def test_a_short_lane_write_is_continued_and_its_error_reported(tmp_path: Path) -> None:
+    """A write cut short (RLIMIT_FSIZE) is continued by the lane, not answered; the error
+    the rest meets (EFBIG) is what the connection is told, and what fit was written."""
+    script = textwrap.dedent(
+        f"""
+        import mmap, os, resource, select, signal, struct
+        from nbd_uring.engine.ring import Ring
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        failed = []
+        class Client:
+            def lane_replies(self): pass
+            def lane_failed(self, command, cookie, offset, length, err):
+                failed.append((command, cookie, offset, length, err))
+        ring = Ring(8, lane=True)
+        fd = os.open({str(tmp_path / "f")!r}, os.O_RDWR | os.O_CREAT)
+        exp = ring.lane.export(fd, 1 << 20, writable=True)
+        conn = exp.connect(Client(), size=1 << 20, max_block=1 << 20, min_block=1,
+                           hole_check_from=0, max_bytes=1 << 25, max_requests=16)
+        buf = mmap.mmap(-1, 65536)
+        conn.attach(buf)
+        buf[:28] = struct.pack(">IHHQQI", 0x25609513, 0, 1, 7, 0, 8192)
+        buf[28:28 + 8192] = b"x" * 8192
+        resource.setrlimit(resource.RLIMIT_FSIZE, (6000, resource.RLIM_INFINITY))
+        print(conn.feed(0, 28 + 8192, 0, 0))
+        ring.submit()
+        while not failed:
+            select.select([ring.eventfd], [], [], 5)
+            ring.reap()
+        print(failed, os.fstat(fd).st_size, conn.requests)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert proc.stdout.split("\n")[:2] == [
+        str(28 + 8192),
+        f"[({WRITE}, 7, 0, 8192, {errno.EFBIG})] 6000 0",
+    ]
